@@ -1,0 +1,100 @@
+"""The codebook of one sequence: which base-token phrase each hypertoken id stands for."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import InvalidCodeError
+
+__all__ = ["Codebook", "Entry"]
+
+
+class Entry(NamedTuple):
+    """One hypertoken: its id (``>= base_vocab_size``) and the base ids it stands for."""
+
+    id: int
+    phrase: tuple[int, ...]
+
+
+class Codebook:
+    """The hypertokens one sequence defined, in creation order.
+
+    Entry ``k`` has id ``base_vocab_size + k``.  ``phrases`` is ``[n, M]`` int64,
+    each row a phrase padded with ``-1``; ``lengths`` is ``[n]``.  Base ids are
+    their own phrase, so ``codebook[id]`` works for any id the sequence may use.
+    """
+
+    __slots__ = ("base_vocab_size", "phrases", "lengths")
+
+    def __init__(self, phrases: np.ndarray, base_vocab_size: int, lengths: np.ndarray | None = None) -> None:
+        phrases = np.asarray(phrases, dtype=np.int64)
+        if phrases.ndim != 2:
+            raise ValueError(f"phrases must be a [n, max_subtokens] array, got shape {phrases.shape}")
+        self.phrases = phrases
+        self.base_vocab_size = int(base_vocab_size)
+        self.lengths = (phrases >= 0).sum(axis=1).astype(np.int64) if lengths is None else np.asarray(lengths, np.int64)
+
+    @property
+    def max_subtokens(self) -> int:
+        """``M``: the longest phrase a hypertoken may stand for."""
+        return self.phrases.shape[1]
+
+    @property
+    def ids(self) -> range:
+        """The hypertoken ids defined, in creation order."""
+        return range(self.base_vocab_size, self.base_vocab_size + len(self))
+
+    def __len__(self) -> int:
+        return self.phrases.shape[0]
+
+    def __contains__(self, id: object) -> bool:
+        return isinstance(id, (int, np.integer)) and 0 <= id < self.base_vocab_size + len(self)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids)
+
+    def phrase(self, id: int) -> tuple[int, ...]:
+        """The base ids that ``id`` stands for (a base id stands for itself)."""
+        id = int(id)
+        if 0 <= id < self.base_vocab_size:
+            return (id,)
+        k = id - self.base_vocab_size
+        if not 0 <= k < len(self):
+            raise InvalidCodeError(
+                f"id {id} is not in this codebook: it holds ids [0, {self.base_vocab_size + len(self)}) "
+                f"(base ids below {self.base_vocab_size}, then {len(self)} hypertokens)"
+            )
+        return tuple(int(x) for x in self.phrases[k, : self.lengths[k]])
+
+    __getitem__ = phrase
+
+    def entries(self) -> list[Entry]:
+        """Every hypertoken as an :class:`Entry`, in creation order."""
+        return [Entry(i, self.phrase(i)) for i in self.ids]
+
+    def to_dict(self) -> dict[int, list[int]]:
+        """``{hypertoken id: [base ids]}``."""
+        return {i: list(self.phrase(i)) for i in self.ids}
+
+    def to_array(self, *, pad_value: int = -1) -> np.ndarray:
+        """The phrases as a new ``[n, M]`` int64 array, padded with ``pad_value``."""
+        out = self.phrases.copy()
+        if pad_value != -1:
+            out[out < 0] = pad_value
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Codebook):
+            return NotImplemented
+        return self.base_vocab_size == other.base_vocab_size and np.array_equal(self.phrases, other.phrases)
+
+    def __reduce__(self):
+        return (Codebook, (self.phrases, self.base_vocab_size, self.lengths))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{i}: {list(self.phrase(i))}" for i in list(self.ids)[:4])
+        more = ", ..." if len(self) > 4 else ""
+        return f"Codebook({len(self)} hypertokens {{{shown}{more}}})"
