@@ -66,14 +66,19 @@ def _as_int64(x: object, name: str, error: type[InputTypeError]) -> np.ndarray:
                         f"got {type(x).__name__}")
         try:
             arr = np.asarray(x if hasattr(x, "__len__") or hasattr(x, "__array__") else list(x))
-        except OverflowError:
-            raise error(f"{name} holds an integer too large for int64") from None
-        except (ValueError, TypeError) as e:  # ragged nesting and the like
+        except (ValueError, TypeError, OverflowError) as e:  # ragged nesting and the like
             raise error(f"{name} must be a 1-D sequence of integers: {e}") from None
         if arr.size == 0:
             arr = arr.astype(np.int64).reshape(arr.shape)
     if arr.ndim != 1:
         raise error(f"{name} must be 1-D, got an array of shape {tuple(arr.shape)}")
+    if arr.dtype == object:  # Python ints beyond int64, or a mixture of types
+        for pos, v in enumerate(arr):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+                raise error(f"{name} must hold integers, got {type(v).__name__} at {name}[{pos}]")
+            if not -(2**63) <= v <= _INT64_MAX:
+                raise error(f"{name}[{pos}] = {v} is too large for int64")
+        arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise error(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.dtype == np.uint64 and arr.size and arr.max() > _INT64_MAX:
@@ -687,8 +692,6 @@ def _why_invalid(state: DecoderState, c: int) -> str:
         why = f"hypertoken {c} is not defined yet: no entry exists at this point (the first will be {V})"
     elif c > nxt:
         why = f"hypertoken {c} is not defined yet: only {n} entries exist at this point (ids {V}..{nxt - 1})"
-    elif n >= codec.max_codebook_size:
-        why = "the codebook is full"
     elif not state.pending:
         why = f"the next new id {nxt} may only follow a code it extends, and nothing precedes it here"
     else:
