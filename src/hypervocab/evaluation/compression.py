@@ -1,0 +1,168 @@
+"""How much a tokenizer's output shrinks under LZW hypertokens, measured on real files.
+
+Each document is tokenized alone (no special tokens) and compressed in windows
+of ``window`` codes (a fresh codebook per window, as in training); with
+``window_unit="tokens"`` the windows are cut every ``window`` base tokens
+instead, the unit the public implementation reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..codec import LZWCodec
+from ..errors import ConfigError
+
+__all__ = ["CompressionRow", "compression_report", "format_markdown", "collect_files"]
+
+
+@dataclass
+class CompressionRow:
+    """Totals for one file or folder."""
+
+    path: str
+    files: int
+    bytes: int
+    tokens: int
+    codes: int
+    hypertokens: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.tokens if self.tokens else 0.0
+
+    @property
+    def bytes_per_code(self) -> float:
+        return self.bytes / self.codes if self.codes else 0.0
+
+    @property
+    def codes_per_token(self) -> float:
+        return self.codes / self.tokens if self.tokens else 0.0
+
+    @property
+    def hypertoken_share(self) -> float:
+        return self.hypertokens / self.codes if self.codes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(bytes_per_token=self.bytes_per_token, bytes_per_code=self.bytes_per_code,
+                 codes_per_token=self.codes_per_token, hypertoken_share=self.hypertoken_share)
+        return d
+
+
+def collect_files(path: Path, patterns: str | Sequence[str]) -> list[Path]:
+    """Files under ``path`` matching any of ``patterns``, sorted (caches and hidden folders skipped)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"path {str(path)!r} is neither a file nor a folder")
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    found = {p for pattern in patterns for p in path.rglob(pattern)}
+    return sorted(p for p in found
+                  if p.is_file() and not any(part.startswith(".") or part == "__pycache__"
+                                             for part in p.relative_to(path).parts))
+
+
+def _read_text(path: Path) -> str | None:
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        return None  # binary
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def compression_report(
+    paths: Sequence[str | Path],
+    tokenizer: Any,
+    codec: LZWCodec,
+    *,
+    window: int = 2048,
+    window_unit: Literal["codes", "tokens"] = "codes",
+    pattern: str | Sequence[str] = "*",
+    progress: bool = True,
+) -> list[CompressionRow]:
+    """Tokenize and compress every text file under each path; one row per path plus a total.
+
+    Args:
+        paths: files or folders.
+        tokenizer: a Hugging Face tokenizer (``len(tokenizer)`` must equal ``codec.base_vocab_size``).
+        codec: the :class:`LZWCodec` to measure.
+        window: window length, in ``window_unit``.
+        window_unit: ``"codes"`` (training windows, :meth:`LZWCodec.encode_windows`) or ``"tokens"``.
+        pattern: glob(s) for files inside folders (``"*.py"``); binary and non-UTF-8 files are skipped.
+        progress: show a progress bar (tqdm) over files.
+    """
+    if window_unit not in ("codes", "tokens"):
+        raise ConfigError(f"window_unit must be 'codes' or 'tokens', got {window_unit!r}")
+    if not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window must be a positive int, got {window!r}")
+    if len(tokenizer) != codec.base_vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the codec's base_vocab_size is "
+                          f"{codec.base_vocab_size}")
+    listing = [(str(p), collect_files(Path(p), pattern)) for p in paths]
+    total_files = sum(len(files) for _, files in listing)
+    bar = _progress(total_files, progress)
+    rows = []
+    for name, files in listing:
+        row = CompressionRow(name, 0, 0, 0, 0, 0)
+        for f in files:
+            text = _read_text(f)
+            bar.update(1)
+            if text is None:
+                continue
+            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            row.files += 1
+            row.bytes += len(text.encode("utf-8"))
+            row.tokens += len(ids)
+            for codes in _compress(codec, ids, window, window_unit):
+                row.codes += len(codes)
+                row.hypertokens += int((codes >= codec.base_vocab_size).sum())
+        rows.append(row)
+    bar.close()
+    if len(rows) > 1:
+        total = CompressionRow("total", *(sum(getattr(r, k) for r in rows)
+                                          for k in ("files", "bytes", "tokens", "codes", "hypertokens")))
+        rows.append(total)
+    return rows
+
+
+def _compress(codec: LZWCodec, ids: np.ndarray, window: int, unit: str) -> Iterable[np.ndarray]:
+    if unit == "codes":
+        return (w.codes for w in codec.encode_windows(ids, window))
+    return codec.encode_batch([ids[i: i + window] for i in range(0, len(ids), window)]).codes
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total < 20:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="file", desc="compressing", leave=False)
+
+
+def format_markdown(rows: Sequence[CompressionRow]) -> str:
+    """The rows as a Markdown table."""
+    head = ("| path | files | bytes | tokens | bytes/token | codes | bytes/code | codes/token | hypertoken share |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r.path} | {r.files:,} | {r.bytes:,} | {r.tokens:,} | {r.bytes_per_token:.2f} | "
+                     f"{r.codes:,} | {r.bytes_per_code:.2f} | {r.codes_per_token:.3f} | {r.hypertoken_share:.1%} |")
+    return "\n".join(lines)
