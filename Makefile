@@ -28,7 +28,7 @@ $(VENV)/.installed-demo: $(BIN)/python pyproject.toml setup.py src/hypervocab/_l
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python scripts/assets.py >/dev/null
-	$(BIN)/hypervocab compress $(STDLIB) /usr/include --glob '*.py' --glob '*.h' \
+	$(BIN)/hypervocab compress $(STDLIB) /usr/include --glob '*.py' --glob '*.h' --exclude site-packages \
 		--tokenizer .cache/smollm2-135m-instruct-tokenizer --max-codebook-size 2048 --max-subtokens 4 --window 2048
 
 test: $(VENV)/.installed-test

@@ -73,7 +73,10 @@ def test_compression_report_and_cli(smollm2_tokenizer, codec, stdlib_files, tmp_
     for f in stdlib_files[:5]:
         (folder / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
     (folder / "blob.bin").write_bytes(b"\0\1\2binary")
-    rows = compression_report([folder, stdlib_files[5]], smollm2_tokenizer, codec, window=512, progress=False)
+    (folder / "skipme").mkdir()
+    (folder / "skipme" / "x.py").write_text("print('not counted')\n")
+    rows = compression_report([folder, stdlib_files[5]], smollm2_tokenizer, codec, window=512, progress=False,
+                              exclude=["skip*"])
     assert [r.path for r in rows] == [str(folder), str(stdlib_files[5]), "total"]
     assert rows[0].files == 5  # the binary file is skipped
     assert rows[-1].tokens == rows[0].tokens + rows[1].tokens
@@ -83,7 +86,7 @@ def test_compression_report_and_cli(smollm2_tokenizer, codec, stdlib_files, tmp_
     from assets import smollm2_tokenizer_dir
 
     assert main(["compress", str(folder), "--tokenizer", str(smollm2_tokenizer_dir()), "--window", "512",
-                 "--json"]) == 0
+                 "--exclude", "skip*", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"][0]["codes"] == rows[0].codes and report["rows"][0]["tokens"] == rows[0].tokens
     assert main(["compress", str(folder), "--tokenizer", str(smollm2_tokenizer_dir())]) == 0

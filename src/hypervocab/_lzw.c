@@ -120,7 +120,9 @@ typedef struct {
     int64_t *buf; /* the current phrase, only kept when the codebook is wanted */
 } escratch_t;
 
+/* The table starts small and doubles as entries arrive (a huge C costs nothing up front). */
 static int escratch_init(escratch_t *s, int64_t cap, int64_t M) {
+    if (cap > 4096) cap = 4096;
     s->bits = log2_ceil(2 * cap + 2);
     s->slots = malloc(sizeof(eslot_t) << s->bits);
     s->buf = alloc_i64(M + 1);
@@ -137,6 +139,25 @@ static void escratch_free(escratch_t *s) {
     free(s->buf);
 }
 
+/* Double the table, keeping every key.  Returns -1 when memory runs out. */
+static int escratch_grow(escratch_t *s) {
+    const int bits = s->bits + 1;
+    eslot_t *slots = malloc(sizeof(eslot_t) << bits);
+    if (!slots) return -1;
+    const uint64_t mask = ((uint64_t)1 << bits) - 1;
+    for (uint64_t k = 0; k <= mask; k++) slots[k].key = EMPTY_KEY;
+    for (uint64_t k = 0; k < ((uint64_t)1 << s->bits); k++) {
+        if (s->slots[k].key == EMPTY_KEY) continue;
+        uint64_t h = (s->slots[k].key * HASH_MUL) >> (64 - bits);
+        while (slots[h].key != EMPTY_KEY) h = (h + 1) & mask;
+        slots[h] = s->slots[k];
+    }
+    free(s->slots);
+    s->slots = slots;
+    s->bits = bits;
+    return 0;
+}
+
 /*
  * Encode ids[0:n] into out (room for n codes), stopping once `max_codes` codes
  * are out.  A window never creates the entry that would contain the first id
@@ -149,8 +170,9 @@ static int64_t lzw_encode(const cfg_t *cfg, const int64_t *ids, int64_t n, int64
                           int64_t *cb, int64_t *cb_n, int64_t *consumed, int64_t *err, escratch_t *s) {
     const int64_t V = cfg->V, C = cfg->C, M = cfg->M;
     const uint8_t *dis = cfg->disabled;
-    const int shift = 64 - s->bits;
-    const uint64_t mask = ((uint64_t)1 << s->bits) - 1;
+    int shift = 64 - s->bits;
+    uint64_t mask = ((uint64_t)1 << s->bits) - 1;
+    int64_t grow_at = (int64_t)(mask + 1) / 2; /* keep the load factor at most 1/2 */
     eslot_t *slots = s->slots;
     int64_t *buf = s->buf;
     int64_t nout = 0, ncb = 0, cur = -1, blen = 0, i;
@@ -202,6 +224,18 @@ static int64_t lzw_encode(const cfg_t *cfg, const int64_t *ids, int64_t n, int64
                     break;
                 }
                 if (ncb < C) {
+                    if (ncb + 1 >= grow_at) {
+                        if (escratch_grow(s) < 0) {
+                            *err = -2; /* out of memory */
+                            break;
+                        }
+                        slots = s->slots;
+                        shift = 64 - s->bits;
+                        mask = ((uint64_t)1 << s->bits) - 1;
+                        grow_at = (int64_t)(mask + 1) / 2;
+                        h = (key * HASH_MUL) >> shift;
+                        while (slots[h].key != EMPTY_KEY) h = (h + 1) & mask;
+                    }
                     slots[h].key = key;
                     slots[h].val = V + ncb;
                     if (cb) {
@@ -228,7 +262,7 @@ static int64_t lzw_encode(const cfg_t *cfg, const int64_t *ids, int64_t n, int64
             }
         }
     }
-    if (i == n && cur >= 0 && *err < 0) out[nout++] = cur;
+    if (i == n && cur >= 0 && *err == -1) out[nout++] = cur;
     *consumed = i;
     *cb_n = ncb;
     return nout;
@@ -504,8 +538,9 @@ static void *encode_worker(void *arg) {
         const int64_t b = __atomic_fetch_add(&J->next, 1, __ATOMIC_RELAXED);
         if (b >= J->B) break;
         const int64_t lo = J->offsets[b], n = J->offsets[b + 1] - lo;
-        const int64_t cap = n < J->cfg->C ? n : J->cfg->C;
-        if (cap > scratch_cap) { /* size the trie for the longest sequence seen so far */
+        int64_t cap = n < J->cfg->C ? n : J->cfg->C;
+        if (cap > 4096) cap = 4096;
+        if (cap > scratch_cap) { /* size the trie for the longest sequence seen so far (it grows as needed) */
             escratch_free(&s);
             if (escratch_init(&s, cap, J->cfg->M) < 0) {
                 __atomic_store_n(&J->failed, 1, __ATOMIC_RELAXED);
@@ -517,6 +552,7 @@ static void *encode_worker(void *arg) {
         }
         J->nout[b] = lzw_encode(J->cfg, J->data + lo, n, J->max_codes, J->out + lo,
                                 J->want_cb ? J->cb + J->cb_offsets[b] : NULL, &J->cb_n[b], &J->consumed[b], &J->err[b], &s);
+        if (J->err[b] == -2) __atomic_store_n(&J->failed, 1, __ATOMIC_RELAXED);
     }
     escratch_free(&s);
     return NULL;
@@ -531,8 +567,8 @@ static void *decode_worker(void *arg) {
         dstate_t s;
         int64_t cap = 0, outn = 0;
         int64_t *out = NULL;
-        /* a sequence of n codes installs at most n entries */
-        if (dstate_init(&s, J->cfg, n) < 0 ||
+        /* a sequence of n codes installs at most n entries; start small and double */
+        if (dstate_init(&s, J->cfg, n < 1024 ? n : 1024) < 0 ||
             dstate_decode(&s, J->data + lo, n, J->errors, J->replacement, &out, &outn, &cap, &J->err[b]) < 0) {
             __atomic_store_n(&J->failed, 1, __ATOMIC_RELAXED);
             free(out);

@@ -20,7 +20,7 @@ def _compress(args: argparse.Namespace) -> int:
     codec = LZWCodec(len(tok), args.max_codebook_size, args.max_subtokens, disabled_ids=disabled,
                      pad_id=tok.pad_token_id)
     rows = compression_report(args.paths, tok, codec, window=args.window, window_unit=args.window_unit,
-                              pattern=args.glob or ["*"], progress=not args.json and sys.stderr.isatty())
+                              pattern=args.glob or ["*"], exclude=args.exclude, progress=not args.json and sys.stderr.isatty())
     if args.json:
         settings = {"tokenizer": args.tokenizer, "base_vocab_size": len(tok), "max_codebook_size": codec.max_codebook_size,
                     "max_subtokens": codec.max_subtokens, "window": args.window, "window_unit": args.window_unit,
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count windows in codes, as in training (default), or in base tokens")
     p.add_argument("--glob", action="append", default=None,
                    help="which files inside folders, e.g. '*.py'; repeat for several (default: all text files)")
+    p.add_argument("--exclude", action="append", default=[],
+                   help="skip files or folders with this name (a glob) inside folders; repeatable")
     p.add_argument("--no-protect-digits", action="store_true", help="allow digit tokens inside hypertokens")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_compress)

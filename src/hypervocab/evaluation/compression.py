@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,17 +56,23 @@ class CompressionRow:
         return d
 
 
-def collect_files(path: Path, patterns: str | Sequence[str]) -> list[Path]:
-    """Files under ``path`` matching any of ``patterns``, sorted (caches and hidden folders skipped)."""
+def collect_files(path: Path, patterns: str | Sequence[str], exclude: Sequence[str] = ()) -> list[Path]:
+    """Files under ``path`` matching any of ``patterns``, sorted.
+
+    Hidden folders, ``__pycache__`` and any file or folder whose name matches a
+    glob of ``exclude`` (e.g. ``"site-packages"``) are skipped.
+    """
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise ConfigError(f"path {str(path)!r} is neither a file nor a folder")
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     found = {p for pattern in patterns for p in path.rglob(pattern)}
-    return sorted(p for p in found
-                  if p.is_file() and not any(part.startswith(".") or part == "__pycache__"
-                                             for part in p.relative_to(path).parts))
+
+    def skipped(part: str) -> bool:
+        return part.startswith(".") or part == "__pycache__" or any(fnmatch(part, x) for x in exclude)
+
+    return sorted(p for p in found if p.is_file() and not any(map(skipped, p.relative_to(path).parts)))
 
 
 def _read_text(path: Path) -> str | None:
@@ -86,6 +93,7 @@ def compression_report(
     window: int = 2048,
     window_unit: Literal["codes", "tokens"] = "codes",
     pattern: str | Sequence[str] = "*",
+    exclude: Sequence[str] = (),
     progress: bool = True,
 ) -> list[CompressionRow]:
     """Tokenize and compress every text file under each path; one row per path plus a total.
@@ -97,6 +105,7 @@ def compression_report(
         window: window length, in ``window_unit``.
         window_unit: ``"codes"`` (training windows, :meth:`LZWCodec.encode_windows`) or ``"tokens"``.
         pattern: glob(s) for files inside folders (``"*.py"``); binary and non-UTF-8 files are skipped.
+        exclude: globs of file or folder names to skip inside folders (``"site-packages"``).
         progress: show a progress bar (tqdm) over files.
     """
     if window_unit not in ("codes", "tokens"):
@@ -106,7 +115,7 @@ def compression_report(
     if len(tokenizer) != codec.base_vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the codec's base_vocab_size is "
                           f"{codec.base_vocab_size}")
-    listing = [(str(p), collect_files(Path(p), pattern)) for p in paths]
+    listing = [(str(p), collect_files(Path(p), pattern, exclude)) for p in paths]
     total_files = sum(len(files) for _, files in listing)
     bar = _progress(total_files, progress)
     rows = []
