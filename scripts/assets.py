@@ -7,6 +7,7 @@ takes seconds, so this converts it once into an ordinary Hugging Face folder
 under ``.cache/`` (ignored by git) and reuses it afterwards.
 
     python scripts/assets.py            # prints the folder of the converted tokenizer
+    python scripts/assets.py --model    # ... and of the converted model
 """
 
 from __future__ import annotations
@@ -43,9 +44,39 @@ def smollm2_tokenizer_dir() -> Path:
     return out
 
 
+def smollm2_model_dir() -> Path:
+    """A folder holding SmolLM2-135M-Instruct (float32 weights + tokenizer) as a plain Hugging Face model.
+
+    transformers de-quantises the GGUF on load (about 20 s) but cannot save a
+    GGUF-loaded model, so the weights move into a plain model built from the
+    same config and that one is saved.
+    """
+    out = CACHE / "smollm2-135m-instruct"
+    if not (out / "config.json").exists():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        gguf = smollm2_gguf()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                         if k not in ("quantization_config", "model_type", "transformers_version")},
+                                      model_type=loaded.config.model_type)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        tmp = out.with_name(out.name + ".tmp")
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="store_true", help="also convert the model weights (about 30 s, 540 MB)")
+    args = parser.parse_args()
     print(smollm2_tokenizer_dir())
+    if args.model:
+        print(smollm2_model_dir())
 
 
 if __name__ == "__main__":

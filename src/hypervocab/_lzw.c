@@ -487,8 +487,18 @@ enum { ERRORS_STRICT = 0, ERRORS_REPLACE = 1, ERRORS_IGNORE = 2 };
  * across it) and writes `replacement` when it is >= 0.  Returns -1 on memory
  * failure, else 0.
  */
+/* Record, after code i, how many entries exist and the pending phrase (for the model's masks). */
+static inline void trace_record(const dstate_t *s, int64_t i, int64_t *trace_n, int64_t *trace_p) {
+    const int64_t M = s->cfg.M;
+    trace_n[i] = s->n;
+    int64_t *row = trace_p + i * M, j;
+    for (j = 0; j < s->plen; j++) row[j] = s->P[j];
+    for (; j < M; j++) row[j] = -1;
+}
+
 static int dstate_decode(dstate_t *s, const int64_t *codes, int64_t n, int errors, int64_t replacement,
-                         int64_t **out, int64_t *outn, int64_t *outcap, int64_t *err) {
+                         int64_t **out, int64_t *outn, int64_t *outcap, int64_t *err, int64_t *trace_n,
+                         int64_t *trace_p) {
     const int64_t M = s->cfg.M;
     *err = -1;
     for (int64_t i = 0; i < n; i++) {
@@ -502,11 +512,13 @@ static int dstate_decode(dstate_t *s, const int64_t *codes, int64_t n, int error
             s->plen = 0;
             s->hP = PHRASE_SEED;
             if (errors == ERRORS_REPLACE && replacement >= 0) (*out)[(*outn)++] = replacement;
+            if (trace_n) trace_record(s, i, trace_n, trace_p);
             continue;
         }
         const int64_t k = dstate_push(s, c, *out + *outn);
         if (k < 0) return -1;
         *outn += k;
+        if (trace_n) trace_record(s, i, trace_n, trace_p);
     }
     return 0;
 }
@@ -526,6 +538,7 @@ typedef struct {
     int64_t *out, *nout, *consumed, *err, *cb, *cb_offsets, *cb_n;
     /* decode outputs: one malloc'd array per sequence, joined afterwards */
     int64_t **dout, *dn;
+    int64_t *trace_n, *trace_p; /* decode: entries and pending phrase after each code, or NULL */
     int64_t next; /* next sequence to take (atomic) */
     int failed;   /* memory failure (atomic) */
 } job_t;
@@ -569,7 +582,8 @@ static void *decode_worker(void *arg) {
         int64_t *out = NULL;
         /* a sequence of n codes installs at most n entries; start small and double */
         if (dstate_init(&s, J->cfg, n < 1024 ? n : 1024) < 0 ||
-            dstate_decode(&s, J->data + lo, n, J->errors, J->replacement, &out, &outn, &cap, &J->err[b]) < 0) {
+            dstate_decode(&s, J->data + lo, n, J->errors, J->replacement, &out, &outn, &cap, &J->err[b],
+                          J->trace_n ? J->trace_n + lo : NULL, J->trace_n ? J->trace_p + lo * J->cfg->M : NULL) < 0) {
             __atomic_store_n(&J->failed, 1, __ATOMIC_RELAXED);
             free(out);
             dstate_free(&s);
@@ -703,9 +717,10 @@ done:
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     PyObject *data_o, *off_o, *V_o, *C_o, *M_o;
     Py_buffer data, off, dis;
-    int errors, nthreads, want_cb;
+    int errors, nthreads, want_cb, want_trace = 0;
     long long replacement;
-    if (!PyArg_ParseTuple(args, "OOOOOy*iLip", &data_o, &off_o, &V_o, &C_o, &M_o, &dis, &errors, &replacement, &nthreads, &want_cb))
+    if (!PyArg_ParseTuple(args, "OOOOOy*iLip|p", &data_o, &off_o, &V_o, &C_o, &M_o, &dis, &errors, &replacement, &nthreads,
+                          &want_cb, &want_trace))
         return NULL;
     PyObject *result = NULL;
     cfg_t cfg;
@@ -731,7 +746,11 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     J.cb_n = alloc_i64(B);
     J.dn = alloc_i64(B);
     J.dout = calloc((size_t)(2 * B + 1), sizeof(int64_t *));
-    if (!J.err || !J.cb_n || !J.dn || !J.dout) {
+    if (want_trace) {
+        J.trace_n = alloc_i64(data.len / 8);
+        J.trace_p = alloc_i64(data.len / 8 * cfg.M);
+    }
+    if (!J.err || !J.cb_n || !J.dn || !J.dout || (want_trace && (!J.trace_n || !J.trace_p))) {
         PyErr_NoMemory();
         goto done;
     }
@@ -772,14 +791,24 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     }
     for (int64_t b = 0; b < B && want_cb; b++)
         if (J.cb_n[b]) memcpy(cb + cb_off[b], J.dout[B + b], (size_t)(J.cb_n[b] * cfg.M) * sizeof(int64_t));
-    result = Py_BuildValue("(NNNNNN)", buffer_wrap(ids, id_off[B]), buffer_wrap(id_off, B + 1), buffer_wrap(J.err, B),
-                           buffer_wrap(cb, cb_off[B]), buffer_wrap(cb_off, B + 1), buffer_wrap(J.cb_n, B));
+    if (want_trace) {
+        result = Py_BuildValue("(NNNNNNNN)", buffer_wrap(ids, id_off[B]), buffer_wrap(id_off, B + 1),
+                               buffer_wrap(J.err, B), buffer_wrap(cb, cb_off[B]), buffer_wrap(cb_off, B + 1),
+                               buffer_wrap(J.cb_n, B), buffer_wrap(J.trace_n, data.len / 8),
+                               buffer_wrap(J.trace_p, data.len / 8 * cfg.M));
+        J.trace_n = J.trace_p = NULL;
+    } else {
+        result = Py_BuildValue("(NNNNNN)", buffer_wrap(ids, id_off[B]), buffer_wrap(id_off, B + 1), buffer_wrap(J.err, B),
+                               buffer_wrap(cb, cb_off[B]), buffer_wrap(cb_off, B + 1), buffer_wrap(J.cb_n, B));
+    }
     ids = id_off = cb = cb_off = J.err = J.cb_n = NULL;
 done:
     if (J.dout)
         for (int64_t b = 0; b < 2 * B; b++) free(J.dout[b]);
     free(J.dout);
     free(J.dn);
+    free(J.trace_n);
+    free(J.trace_p);
     free(J.err);
     free(J.cb_n);
     free(ids);
@@ -847,7 +876,7 @@ static PyObject *Decoder_push(DecoderObject *self, PyObject *args) {
     if (P0) {
         memcpy(P0, s->P, (size_t)s->plen * sizeof(int64_t));
         /* the GIL stays held: a state shared between threads must not be raced */
-        rc = dstate_decode(s, codes.buf, codes.len / 8, errors, replacement, &out, &outn, &cap, &err);
+        rc = dstate_decode(s, codes.buf, codes.len / 8, errors, replacement, &out, &outn, &cap, &err, NULL, NULL);
     }
     PyBuffer_Release(&codes);
     if (rc < 0 || err >= 0) { /* roll back: a failed push leaves the state as it was */
@@ -1015,11 +1044,31 @@ static PyObject *py_push_batch(PyObject *self, PyObject *args) {
     PyObject *decs, *codes_o;
     if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &decs, &codes_o)) return NULL;
     Py_buffer codes;
-    if (get_i64(codes_o, &codes) < 0) return NULL;
+    int64_t small[64];
+    int have_buffer = 0;
     const Py_ssize_t B = PyList_GET_SIZE(decs);
-    const int64_t *c = codes.buf;
+    const int64_t *c;
+    Py_ssize_t ncodes;
+    if (PyList_Check(codes_o) && PyList_GET_SIZE(codes_o) <= 64) { /* the common per-step call: no NumPy */
+        ncodes = PyList_GET_SIZE(codes_o);
+        for (Py_ssize_t b = 0; b < ncodes; b++) {
+            PyObject *v = PyList_GET_ITEM(codes_o, b);
+            int overflow = 0;
+            small[b] = PyLong_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : 0;
+            if (!PyLong_Check(v) || overflow) {
+                PyErr_SetString(PyExc_TypeError, "codes must be ints that fit in int64");
+                return NULL;
+            }
+        }
+        c = small;
+    } else {
+        if (get_i64(codes_o, &codes) < 0) return NULL;
+        have_buffer = 1;
+        c = codes.buf;
+        ncodes = codes.len / 8;
+    }
     PyObject *result = NULL;
-    if (codes.len / 8 != B) {
+    if (ncodes != B) {
         PyErr_SetString(PyExc_ValueError, "one code per decoder");
         goto done;
     }
@@ -1070,11 +1119,54 @@ static PyObject *py_push_batch(PyObject *self, PyObject *args) {
         }
     }
 done:
-    PyBuffer_Release(&codes);
+    if (have_buffer) PyBuffer_Release(&codes);
     return result;
 }
 
+/*
+ * from_lists(batch) -> (flat, offsets), or None when batch is not a list/tuple
+ * of lists/tuples of ints that fit in int64 (the caller then takes the slow,
+ * well-explained NumPy path).  Much faster than numpy.asarray on Python lists.
+ */
+static PyObject *py_from_lists(PyObject *self, PyObject *batch) {
+    if (!PyList_Check(batch) && !PyTuple_Check(batch)) Py_RETURN_NONE;
+    const Py_ssize_t B = PySequence_Fast_GET_SIZE(batch);
+    PyObject **rows = PySequence_Fast_ITEMS(batch);
+    int64_t total = 0;
+    for (Py_ssize_t b = 0; b < B; b++) {
+        if (!PyList_Check(rows[b]) && !PyTuple_Check(rows[b])) Py_RETURN_NONE;
+        total += PySequence_Fast_GET_SIZE(rows[b]);
+    }
+    int64_t *flat = alloc_i64(total), *off = alloc_i64(B + 1);
+    if (!flat || !off) {
+        free(flat);
+        free(off);
+        return PyErr_NoMemory();
+    }
+    int64_t k = 0;
+    off[0] = 0;
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(rows[b]);
+        PyObject **items = PySequence_Fast_ITEMS(rows[b]);
+        for (Py_ssize_t j = 0; j < n; j++) {
+            PyObject *v = items[j];
+            int overflow = 0;
+            const long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : 0;
+            if (!PyLong_Check(v) || PyBool_Check(v) || overflow || (x == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
+                free(flat);
+                free(off);
+                Py_RETURN_NONE;
+            }
+            flat[k++] = x;
+        }
+        off[b + 1] = k;
+    }
+    return Py_BuildValue("(NN)", buffer_wrap(flat, total), buffer_wrap(off, B + 1));
+}
+
 static PyMethodDef module_methods[] = {
+    {"from_lists", py_from_lists, METH_O, "from_lists(batch) -> (flat, offsets) or None"},
     {"encode", py_encode, METH_VARARGS, "encode(data, offsets, V, C, M, disabled, max_codes, num_threads, want_codebook)"},
     {"decode", py_decode, METH_VARARGS, "decode(data, offsets, V, C, M, disabled, errors, replacement, num_threads, want_codebook)"},
     {"push_batch", py_push_batch, METH_VARARGS, "push_batch(decoders, codes)"},

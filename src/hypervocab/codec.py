@@ -100,6 +100,9 @@ def _as_batch(batch: object, name: str, error: type[InputTypeError]) -> tuple[np
         return flat, np.arange(0, (B + 1) * L, L, dtype=np.int64) if L else np.zeros(B + 1, np.int64)
     if isinstance(batch, (str, bytes)) or not isinstance(batch, Iterable):
         raise error(f"{name} must be a list of 1-D integer sequences or a 2-D array, got {type(batch).__name__}")
+    fast = _lzw.from_lists(batch)  # lists of Python ints: converted in C; anything else goes the checked way
+    if fast is not None:
+        return _frombuffer(fast[0]), _frombuffer(fast[1])
     seqs = [_as_int64(s, f"{name}[{i}]", error) for i, s in enumerate(batch)]
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in seqs], out=offsets[1:])
@@ -598,12 +601,16 @@ class DecoderState:
         Returns:
             ``(batch_index, Entry)`` for every entry installed, in batch order.
         """
-        flat = _as_int64(codes, "codes", CodeTypeError)
+        # the per-step hot path: a short list of ints goes to the core as it is
+        flat = codes if type(codes) is list and len(codes) <= 64 else _as_int64(codes, "codes", CodeTypeError)
         if len(flat) != len(states):
             raise CodeTypeError(f"codes has {len(flat)} codes for {len(states)} states; give one code per state")
-        cores = [s._core for s in states]
-        out = _lzw.push_batch(cores, flat)
-        if isinstance(out, int):
+        try:
+            out = _lzw.push_batch([s._core for s in states], flat)
+        except TypeError:  # a list holding something other than int64-sized ints: explain it the usual way
+            flat = _as_int64(codes, "codes", CodeTypeError)
+            out = _lzw.push_batch([s._core for s in states], flat)
+        if type(out) is int:
             c = int(flat[out])
             raise InvalidCodeError(f"codes[{out}] = {c} cannot be decoded by states[{out}]: "
                                    + _why_invalid(states[out], c))
