@@ -32,7 +32,7 @@ demo: $(VENV)/.installed-demo
 		--tokenizer .cache/smollm2-135m-instruct-tokenizer --max-codebook-size 2048 --max-subtokens 4 --window 2048
 
 test: $(VENV)/.installed-test
-	$(BIN)/python scripts/assets.py >/dev/null
+	$(BIN)/python scripts/assets.py --model >/dev/null
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-test

@@ -29,9 +29,10 @@ def test_hierarchy():
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
-    ((0, 10, 4), {}, "base_vocab_size must be in [1, 2147483647], got 0"),
+    ((0, 10, 4), {}, "base_vocab_size must be in [1, 16777216], got 0"),
     ((10.0, 10, 4), {}, "base_vocab_size must be an int, got 10.0 (float)"),
     ((10, -1, 4), {}, "max_codebook_size must be in [0, 2147483637], got -1"),
+    ((2**25, 1, 4), {}, "base_vocab_size must be in [1, 16777216], got 33554432"),
     ((10, 10, 0), {}, "max_subtokens must be in [1, 65536], got 0"),
     ((10, 10, True), {}, "max_subtokens must be an int, got True (bool)"),
     ((10, 10, 4), {"disabled_ids": [3, 10]}, "disabled_ids[1] must be in [0, 9], got 10"),
@@ -58,12 +59,13 @@ def test_encode_rejects_ids_outside_the_vocabulary():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ([1.0, 2.0], "ids must hold integers, got dtype float64"),
+    ([1.0, 2.0], "ids must hold integers, got float at ids[0]"),
+    (np.array([1.0, 2.0]), "ids must hold integers, got dtype float64"),
     (np.array([True, False]), "ids must hold integers, got dtype bool"),
     ([[1, 2], [3, 4]], "ids must be 1-D, got an array of shape (2, 2)"),
     ("abc", "ids must be a 1-D sequence of integers (list, NumPy array or torch tensor), got str"),
     (None, "ids must be a 1-D sequence of integers (list, NumPy array or torch tensor), got NoneType"),
-    ([1, "a"], "ids must hold integers, got dtype <U21"),
+    ([1, "a"], "ids must hold integers, got str at ids[1]"),
     ([1, 2**70], "ids[1] = 1180591620717411303424 is too large for int64"),
     ([1, None], "ids must hold integers, got NoneType at ids[1]"),
     (np.array([1, 2**64 - 1], dtype=np.uint64), "ids[1] = 18446744073709551615 is too large for int64"),
@@ -162,3 +164,41 @@ def test_no_input_crashes_or_escapes_the_hierarchy(codes, errors):
     except HypervocabError as e:
         assert errors == "strict" and isinstance(e, ValueError)
         assert len(state) == 0
+
+
+def test_push_batch_refuses_a_state_given_twice():
+    # checked before anything is applied: a state listed twice would be validated against a stale state
+    codec = LZWCodec(10, 2, 2, disabled_ids=[9])
+    state = codec.decoder_state()
+    state.push([1, 2])
+    before = state.copy()
+    with pytest.raises(InputTypeError, match=re.escape("states[1] appears twice: each state takes one code per step")):
+        DecoderState.push_batch([state, state, state], [9, 10, 11])
+    assert state == before
+    with pytest.raises(InputTypeError, match="states must be a list or tuple of DecoderState objects"):
+        DecoderState.push_batch([codec], [1])
+    with pytest.raises(CodeTypeError, match=re.escape("code must be an int, got 'x' (str)")):
+        state.is_valid("x")
+    with pytest.raises(ConfigError, match=re.escape("errors must be 'strict', 'replace' or 'ignore', got []")):
+        codec.decode([1], errors=[])
+
+
+def test_lenient_modes_never_raise_on_huge_integers():
+    codec = LZWCodec(10, 100, 4, pad_id=0)
+    assert codec.decode([1, 2**63, 2], errors="replace").tolist() == [1, 0, 2]
+    assert codec.decode(np.array([1, 2**64 - 1], np.uint64), errors="ignore").tolist() == [1]
+    with pytest.raises(CodeTypeError, match=re.escape("codes[1] = 9223372036854775808 is too large for int64")):
+        codec.decode([1, 2**63])
+
+
+def test_a_crafted_pickle_cannot_overflow_a_state():
+    import pickle
+
+    codec = LZWCodec(10, 100, 2)
+    state = codec.decoder_state()
+    state.push([1, 2, 1])
+    good = state.__getstate__()
+    bad = dict(good, lengths=good["lengths"] + 5)
+    with pytest.raises(ValueError, match="inconsistent decoder state"):
+        DecoderState.__new__(DecoderState).__setstate__(bad)
+    assert pickle.loads(pickle.dumps(state)) == state

@@ -12,11 +12,25 @@ __version__ = "0.1.0"
 from . import errors
 from .codebook import Codebook, Entry
 from .codec import Decoded, DecoderState, EncodedBatch, LZWCodec, Window
+from .config import HyperConfig
 from .errors import ConfigError, HypervocabError, InvalidCodeError, InvalidTokenError
+from .tokenizer import HyperTokenizer
+
+
+def __getattr__(name: str):
+    # the model needs torch: import it only when asked for, so `import hypervocab` stays light
+    if name in ("HyperModel", "HyperOutput", "HyperState"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'hypervocab' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
     "errors",
+    "HyperConfig",
+    "HyperModel",
+    "HyperTokenizer",
     "LZWCodec",
     "DecoderState",
     "Codebook",

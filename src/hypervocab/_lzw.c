@@ -828,7 +828,10 @@ done:
 typedef struct {
     PyObject_HEAD
     dstate_t s;
+    uint64_t epoch; /* last push_batch call that saw this state: a state given twice is refused */
 } DecoderObject;
+
+static uint64_t push_batch_epoch = 0; /* guarded by the GIL */
 
 static PyTypeObject DecoderType;
 
@@ -994,7 +997,17 @@ static PyObject *Decoder_load(DecoderObject *self, PyObject *args) {
     const int64_t n = lens.len / 8, M = s->cfg.M;
     PyObject *ret = NULL;
     dstate_truncate(s, 0);
-    if (rows.len / 8 != n * M || p.len / 8 > M || n > s->cfg.C) {
+    int ok = rows.len / 8 == n * M && p.len / 8 < M + 1 && n <= s->cfg.C;
+    for (int64_t e = 0; ok && e < n; e++) {
+        const int64_t len = ((const int64_t *)lens.buf)[e];
+        ok = len >= 1 && len <= M;
+        for (int64_t j = 0; ok && j < len; j++) {
+            const int64_t x = ((const int64_t *)rows.buf)[e * M + j];
+            ok = x >= 0 && x < s->cfg.V;
+        }
+    }
+    for (int64_t j = 0; ok && j < p.len / 8; j++) ok = ((const int64_t *)p.buf)[j] >= 0 && ((const int64_t *)p.buf)[j] < s->cfg.V;
+    if (!ok) {
         PyErr_SetString(PyExc_ValueError, "inconsistent decoder state");
     } else if (dstate_reserve(s, n) < 0) {
         PyErr_NoMemory();
@@ -1054,8 +1067,8 @@ static PyObject *py_push_batch(PyObject *self, PyObject *args) {
         for (Py_ssize_t b = 0; b < ncodes; b++) {
             PyObject *v = PyList_GET_ITEM(codes_o, b);
             int overflow = 0;
-            small[b] = PyLong_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : 0;
-            if (!PyLong_Check(v) || overflow) {
+            small[b] = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : 0;
+            if (!PyLong_Check(v) || PyBool_Check(v) || overflow) {
                 PyErr_SetString(PyExc_TypeError, "codes must be ints that fit in int64");
                 return NULL;
             }
@@ -1072,12 +1085,19 @@ static PyObject *py_push_batch(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "one code per decoder");
         goto done;
     }
+    const uint64_t epoch = ++push_batch_epoch;
     for (Py_ssize_t b = 0; b < B; b++) {
         PyObject *d = PyList_GET_ITEM(decs, b);
         if (Py_TYPE(d) != &DecoderType) {
             PyErr_SetString(PyExc_TypeError, "expected Decoder objects");
             goto done;
         }
+        /* every code is checked against its state before any is applied, so each state may appear once */
+        if (((DecoderObject *)d)->epoch == epoch) {
+            result = PyLong_FromSsize_t(-1 - b);
+            goto done;
+        }
+        ((DecoderObject *)d)->epoch = epoch;
         if (!dstate_valid(&((DecoderObject *)d)->s, c[b])) {
             result = PyLong_FromSsize_t(b);
             goto done;

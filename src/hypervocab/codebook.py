@@ -98,3 +98,57 @@ class Codebook:
         shown = ", ".join(f"{i}: {list(self.phrase(i))}" for i in list(self.ids)[:4])
         more = ", ..." if len(self) > 4 else ""
         return f"Codebook({len(self)} hypertokens {{{shown}{more}}})"
+
+
+class CodebookBatch:
+    """Everything a model forward needs to know about a ``[B, T]`` batch of codes, as NumPy arrays.
+
+    Built once per batch (in a DataLoader worker if you like: it pickles) by
+    :meth:`from_codes`; :class:`~hypervocab.HyperModel` builds it itself when
+    it is not given.
+
+    Attributes:
+        phrases: ``[N, M]`` every entry of every row, row by row, padded with ``-1``.
+        entry_row: ``[N]`` the batch row of each entry; entry_slot: ``[N]`` its index in that row's codebook.
+        counts: ``[B]`` entries per row.
+        n_after: ``[B, T]`` entries installed after reading codes ``<= t``.
+        candidates: ``[B, T, M]`` the phrase the next new id would stand for if written right after
+            position ``t`` (the "KwKwK" case: pending phrase + its first id), or all ``-1`` when no new
+            id may follow ``t``.
+        lengths: ``[B, T]`` base tokens each code stands for.
+    """
+
+    __slots__ = ("phrases", "entry_row", "entry_slot", "counts", "n_after", "candidates", "lengths")
+
+    def __init__(self, phrases, entry_row, entry_slot, counts, n_after, candidates, lengths) -> None:
+        self.phrases, self.entry_row, self.entry_slot = phrases, entry_row, entry_slot
+        self.counts, self.n_after, self.candidates, self.lengths = counts, n_after, candidates, lengths
+
+    @classmethod
+    def from_codes(cls, codec, codes) -> CodebookBatch:
+        """Decode ``codes`` ``[B, T]`` with ``codec`` (an :class:`~hypervocab.LZWCodec`) and collect the tables."""
+        books, n_after, pending = codec.trace_batch(codes)
+        codes = np.asarray(codes.detach().cpu().numpy() if hasattr(codes, "detach") else codes, dtype=np.int64)
+        B, T = codes.shape
+        V, C, M = codec.base_vocab_size, codec.max_codebook_size, codec.max_subtokens
+        counts = np.array([len(b) for b in books], dtype=np.int64)
+        phrases = np.concatenate([b.phrases for b in books]) if B else np.zeros((0, M), np.int64)
+        entry_row = np.repeat(np.arange(B, dtype=np.int64), counts)
+        entry_slot = np.concatenate([np.arange(n, dtype=np.int64) for n in counts]) if B else np.zeros(0, np.int64)
+        # the next new id may follow t when the codebook has room and 0 < |P_t| < M; it means P_t + P_t[0]
+        plen = (pending >= 0).sum(-1)
+        legal = (n_after < C) & (plen > 0) & (plen < M)
+        candidates = np.full((B, T, M), -1, dtype=np.int64)
+        if legal.any():
+            bi, ti = np.nonzero(legal)
+            candidates[bi, ti] = pending[bi, ti]
+            candidates[bi, ti, plen[bi, ti]] = pending[bi, ti, 0]
+        lengths = np.ones((B, T), dtype=np.int64)
+        hyper = codes >= V
+        if hyper.any():
+            bi, ti = np.nonzero(hyper)
+            lengths[bi, ti] = [books[b].lengths[c - V] for b, c in zip(bi.tolist(), codes[hyper].tolist())]
+        return cls(phrases, entry_row, entry_slot, counts, n_after, candidates, lengths)
+
+    def __reduce__(self):
+        return (CodebookBatch, tuple(getattr(self, k) for k in self.__slots__))

@@ -41,6 +41,7 @@ Errors = Literal["strict", "replace", "ignore"]
 _ERRORS = {"strict": _lzw.ERRORS_STRICT, "replace": _lzw.ERRORS_REPLACE, "ignore": _lzw.ERRORS_IGNORE}
 _MAX_ID = 2**31 - 1  # ids and codes are stored in 32 bits inside the core's hash tables
 _INT64_MAX = np.iinfo(np.int64).max
+_MAX_VOCAB = 1 << 24  # far above any tokenizer; keeps the per-codec map of disabled ids small
 # below this many ids a batch runs on the calling thread: starting threads would cost more
 _THREADING_MIN_IDS = 1 << 15
 
@@ -54,8 +55,11 @@ def _check_int(name: str, value: object, *, minimum: int, maximum: int = _MAX_ID
     return value
 
 
-def _as_int64(x: object, name: str, error: type[InputTypeError]) -> np.ndarray:
-    """A 1-D contiguous int64 array holding the integers of ``x`` (a list, array or tensor)."""
+def _as_int64(x: object, name: str, error: type[InputTypeError], *, clip: bool = False) -> np.ndarray:
+    """A 1-D contiguous int64 array holding the integers of ``x`` (a list, array or tensor).
+
+    With ``clip``, integers beyond int64 become -1 (an invalid code) instead of an error.
+    """
     if type(x).__module__.partition(".")[0] == "torch":  # no torch import: hypervocab stays light
         x = x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
@@ -66,6 +70,8 @@ def _as_int64(x: object, name: str, error: type[InputTypeError]) -> np.ndarray:
                         f"got {type(x).__name__}")
         try:
             arr = np.asarray(x if hasattr(x, "__len__") or hasattr(x, "__array__") else list(x))
+            if arr.dtype.kind not in "iub" and arr.ndim == 1 and arr.size or arr.dtype == np.uint64:
+                arr = np.asarray(list(x), dtype=object)  # a mixture, or ints beyond int64: check one by one
         except (ValueError, TypeError, OverflowError) as e:  # ragged nesting and the like
             raise error(f"{name} must be a 1-D sequence of integers: {e}") from None
         if arr.size == 0:
@@ -77,11 +83,16 @@ def _as_int64(x: object, name: str, error: type[InputTypeError]) -> np.ndarray:
             if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
                 raise error(f"{name} must hold integers, got {type(v).__name__} at {name}[{pos}]")
             if not -(2**63) <= v <= _INT64_MAX:
+                if clip:
+                    arr[pos] = -1
+                    continue
                 raise error(f"{name}[{pos}] = {v} is too large for int64")
         arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise error(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.dtype == np.uint64 and arr.size and arr.max() > _INT64_MAX:
+        if clip:
+            return np.where(arr > _INT64_MAX, -1, arr.astype(np.int64)).astype(np.int64)
         pos = int(np.argmax(arr > _INT64_MAX))
         raise error(f"{name}[{pos}] = {int(arr[pos])} is too large for int64")
     return np.ascontiguousarray(arr, dtype=np.int64)
@@ -191,7 +202,7 @@ class LZWCodec:
         pad_id: int | None = None,
         replacement_id: int | None = None,
     ) -> None:
-        V = _check_int("base_vocab_size", base_vocab_size, minimum=1)
+        V = _check_int("base_vocab_size", base_vocab_size, minimum=1, maximum=_MAX_VOCAB)
         C = _check_int("max_codebook_size", max_codebook_size, minimum=0, maximum=_MAX_ID - V)
         M = _check_int("max_subtokens", max_subtokens, minimum=1, maximum=1 << 16)
         if isinstance(disabled_ids, (str, bytes)) or not isinstance(disabled_ids, Iterable):
@@ -414,7 +425,7 @@ class LZWCodec:
     # ------------------------------------------------------------------ decoding
 
     def _check_errors(self, errors: object) -> int:
-        if errors not in _ERRORS:
+        if not isinstance(errors, str) or errors not in _ERRORS:
             raise ConfigError(f"errors must be 'strict', 'replace' or 'ignore', got {errors!r}")
         if errors == "replace" and self.replacement_id is None:
             raise ConfigError("errors='replace' needs an id to write: build the LZWCodec with replacement_id= "
@@ -449,7 +460,7 @@ class LZWCodec:
             ``[n]`` int64 base ids, and the codebook when asked for.
         """
         mode = self._check_errors(errors)
-        flat = _as_int64(codes, "codes", CodeTypeError)
+        flat = _as_int64(codes, "codes", CodeTypeError, clip=mode != _lzw.ERRORS_STRICT)
         offsets = np.array([0, len(flat)], dtype=np.int64)
         ids, _, err, cb, cb_off, cb_n = self._core_decode(flat, offsets, mode, 1, return_codebook)
         if err[0] >= 0:
@@ -499,14 +510,49 @@ class LZWCodec:
         out = [ids[id_off[b]: id_off[b + 1]] for b in range(len(offsets) - 1)]
         return (out, self._codebooks(cb, cb_off, cb_n)) if return_codebooks else out
 
+    def trace_batch(self, codes: np.ndarray | Any) -> tuple[list[Codebook], np.ndarray, np.ndarray]:
+        """Decode a ``[B, T]`` batch of codes and report the state after every position.
+
+        This is what the model needs to build its per-sequence tables and masks
+        in one pass (padding ids are disabled, so they change nothing).
+
+        Returns:
+            ``(codebooks, n_after, pending)``: one :class:`Codebook` per row;
+            ``n_after`` ``[B, T]``, the number of entries installed after reading
+            codes ``<= t``; ``pending`` ``[B, T, M]``, the phrase the next code
+            would extend, padded with ``-1``.
+
+        Raises:
+            InvalidCodeError: a code is not valid at its position.
+        """
+        if type(codes).__module__.partition(".")[0] == "torch":
+            codes = codes.detach().cpu().numpy()
+        arr = np.asarray(codes)
+        if arr.ndim != 2:
+            raise CodeTypeError(f"codes must be a [batch, length] array, got shape {tuple(arr.shape)}")
+        flat, offsets = _as_batch(arr, "codes", CodeTypeError)
+        B, T = arr.shape
+        replacement = self.replacement_id if self.replacement_id is not None else -1
+        out = _lzw.decode(flat, offsets, self.base_vocab_size, self.max_codebook_size, self.max_subtokens,
+                          self._disabled_map, _lzw.ERRORS_STRICT, replacement, 1, True, True)
+        _, _, err, cb, cb_off, cb_n, n_after, pending = (_frombuffer(b) for b in out)
+        if B and (err >= 0).any():
+            b = int(np.argmax(err >= 0))
+            raise self._explain_invalid(flat[offsets[b]: offsets[b + 1]], int(err[b]), f"codes[{b}][{int(err[b])}]")
+        return (self._codebooks(cb, cb_off, cb_n), n_after.reshape(B, T),
+                pending.reshape(B, T, self.max_subtokens))
+
     @staticmethod
     def _unpad(batch: object, attention_mask: object) -> list[np.ndarray]:
         if type(batch).__module__.partition(".")[0] == "torch":
             batch = batch.detach().cpu().numpy()
         if type(attention_mask).__module__.partition(".")[0] == "torch":
             attention_mask = attention_mask.detach().cpu().numpy()
-        arr = np.asarray(batch)
-        mask = np.asarray(attention_mask)
+        try:
+            arr = np.asarray(batch)
+            mask = np.asarray(attention_mask)
+        except ValueError as e:  # ragged nesting
+            raise CodeTypeError(f"with attention_mask, batch and mask must be rectangular [B, L]: {e}") from None
         if arr.ndim != 2 or mask.shape != arr.shape:
             raise CodeTypeError(f"attention_mask must have the batch's shape [B, L]; got batch "
                                 f"{tuple(arr.shape)} and attention_mask {tuple(mask.shape)}")
@@ -560,11 +606,11 @@ class DecoderState:
         """
         mode = self.codec._check_errors(errors)
         if isinstance(codes, (int, np.integer)) and not isinstance(codes, (bool, np.bool_)):
-            flat = np.array([codes], dtype=np.int64) if -2**63 <= codes <= _INT64_MAX else None
-            if flat is None:
+            flat = np.array([codes if -2**63 <= codes <= _INT64_MAX else -1], dtype=np.int64)
+            if codes > _INT64_MAX and mode == _lzw.ERRORS_STRICT:
                 raise CodeTypeError(f"code {codes} is too large for int64")
         else:
-            flat = _as_int64(codes, "codes", CodeTypeError)
+            flat = _as_int64(codes, "codes", CodeTypeError, clip=mode != _lzw.ERRORS_STRICT)
         n0 = self._core.size()
         replacement = self.codec.replacement_id if self.codec.replacement_id is not None else -1
         ids, err = self._core.push(flat, mode, replacement)
@@ -585,7 +631,8 @@ class DecoderState:
         M = self.codec.max_subtokens
         rows = _frombuffer(self._core.entries(n0)).reshape(-1, M)
         V = self.codec.base_vocab_size
-        return tuple(Entry(V + n0 + k, tuple(int(x) for x in row if x >= 0)) for k, row in enumerate(rows))
+        lengths = (rows >= 0).sum(1).tolist()
+        return tuple(Entry(V + n0 + k, tuple(row[:n])) for k, (row, n) in enumerate(zip(rows.tolist(), lengths)))
 
     @staticmethod
     def push_batch(states: Sequence[DecoderState], codes: IdSequence) -> list[tuple[int, Entry]]:
@@ -601,15 +648,28 @@ class DecoderState:
         Returns:
             ``(batch_index, Entry)`` for every entry installed, in batch order.
         """
-        # the per-step hot path: a short list of ints goes to the core as it is
-        flat = codes if type(codes) is list and len(codes) <= 64 else _as_int64(codes, "codes", CodeTypeError)
-        if len(flat) != len(states):
-            raise CodeTypeError(f"codes has {len(flat)} codes for {len(states)} states; give one code per state")
+        if not isinstance(states, (list, tuple)):
+            raise InputTypeError(f"states must be a list or tuple of DecoderState objects, got {type(states).__name__}")
         try:
-            out = _lzw.push_batch([s._core for s in states], flat)
+            cores = [s._core for s in states]
+        except AttributeError:
+            raise InputTypeError("states must be a list or tuple of DecoderState objects") from None
+        # the per-step hot path: a short int list or an int64 array goes to the core as it is
+        if type(codes) is list and len(codes) <= 64:
+            flat = codes
+        elif type(codes) is np.ndarray and codes.dtype == np.int64 and codes.ndim == 1 and codes.flags.c_contiguous:
+            flat = codes
+        else:
+            flat = _as_int64(codes, "codes", CodeTypeError)
+        if len(flat) != len(cores):
+            raise CodeTypeError(f"codes has {len(flat)} codes for {len(cores)} states; give one code per state")
+        try:
+            out = _lzw.push_batch(cores, flat)
         except TypeError:  # a list holding something other than int64-sized ints: explain it the usual way
             flat = _as_int64(codes, "codes", CodeTypeError)
-            out = _lzw.push_batch([s._core for s in states], flat)
+            out = _lzw.push_batch(cores, flat)
+        if type(out) is int and out < 0:
+            raise InputTypeError(f"states[{-1 - out}] appears twice: each state takes one code per step")
         if type(out) is int:
             c = int(flat[out])
             raise InvalidCodeError(f"codes[{out}] = {c} cannot be decoded by states[{out}]: "
@@ -617,9 +677,10 @@ class DecoderState:
         return [(b, Entry(i, phrase)) for b, i, phrase in out]
 
     def is_valid(self, code: int) -> bool:
-        """Whether ``code`` may come next."""
-        code = int(code)
-        return 0 <= code < self.num_valid_codes
+        """Whether ``code`` (an int) may come next."""
+        if isinstance(code, (bool, np.bool_)) or not isinstance(code, (int, np.integer)):
+            raise CodeTypeError(f"code must be an int, got {code!r} ({type(code).__name__})")
+        return 0 <= int(code) < self.num_valid_codes
 
     @property
     def num_valid_codes(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["default_disabled_ids", "load_tokenizer"]
+__all__ = ["default_disabled_ids", "load_tokenizer", "HyperTokenizer"]
 
 
 def default_disabled_ids(tokenizer: Any, *, protect_digits: bool = True) -> list[int]:
@@ -45,3 +45,132 @@ def load_tokenizer(name_or_path: str) -> Any:
     if path.suffix == ".gguf" and path.is_file():
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return AutoTokenizer.from_pretrained(name_or_path)
+
+
+class HyperTokenizer:
+    """Text to compressed ids and back: a Hugging Face tokenizer followed by the LZW codec.
+
+    >>> htok = HyperTokenizer.from_base(tok, model.config)          # doctest: +SKIP
+    >>> batch = htok(["def f(x): ...", "..."], return_tensors="pt", padding=True)  # doctest: +SKIP
+    """
+
+    def __init__(self, tokenizer: Any, config: Any) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.codec = config.codec()
+
+    @classmethod
+    def from_base(cls, tokenizer: Any, config: Any = None) -> HyperTokenizer:
+        """Bind ``config`` (a :class:`~hypervocab.HyperConfig`, default settings if omitted) to ``tokenizer``."""
+        from .config import HyperConfig
+        from .errors import ConfigError
+        from .config import bind_config
+
+        config = bind_config(config or HyperConfig(), tokenizer)
+        if len(tokenizer) != config.base_vocab_size:
+            raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the config says "
+                              f"base_vocab_size={config.base_vocab_size}")
+        return cls(tokenizer, config)
+
+    def __len__(self) -> int:
+        return self.codec.vocab_size
+
+    def __call__(self, text: str | list[str], *, return_tensors: str | None = None, padding: bool | str = False,
+                 truncation: bool = False, max_length: int | None = None, add_special_tokens: bool = True,
+                 return_codebooks: bool = False) -> dict[str, Any]:
+        """Tokenize and compress.
+
+        Returns a dict with ``input_ids`` (codes), ``attention_mask`` and ``position_ids`` (what the model
+        needs for ``config.position_mode``); with ``return_codebooks``, also ``codebooks`` (a
+        :class:`~hypervocab.codebook.CodebookBatch`, needs ``return_tensors`` or ``padding``).  A single
+        string gives flat lists unless ``return_tensors`` is ``"pt"`` or ``"np"``.  Padding is on the left.
+        """
+        import numpy as np
+
+        from .codebook import CodebookBatch
+        from .errors import ConfigError
+        from .positions import position_ids
+
+        if return_tensors not in (None, "pt", "np"):
+            raise ConfigError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        base = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        if return_tensors is not None and not padding and len({len(b) for b in base}) > 1:
+            padding = True  # tensors need one length
+        enc = self.codec.encode_batch(base, padding=padding or False, truncation=truncation, max_length=max_length,
+                                      return_codebooks=True)
+        if enc.attention_mask is None:
+            codes = [c for c in enc.codes]
+            masks = [np.ones(len(c), np.int64) for c in codes]
+        else:
+            codes, masks = list(enc.codes), list(enc.attention_mask)
+        V = self.codec.base_vocab_size
+        lengths = [np.where(c >= V, np.array([book.lengths[x - V] if x >= V else 1 for x in c.tolist()], np.int64), 1)
+                   for c, book in zip(codes, enc.codebooks)]
+        positions = [position_ids(ln[None], m[None], self.config.position_mode)[0] for ln, m in zip(lengths, masks)]
+        out: dict[str, Any] = {"input_ids": codes, "attention_mask": masks, "position_ids": positions}
+        if return_tensors is not None:
+            out = {k: np.stack(v) for k, v in out.items()}
+            if return_codebooks:
+                out["codebooks"] = CodebookBatch.from_codes(self.codec, out["input_ids"])
+            if return_tensors == "pt":
+                import torch
+
+                out = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
+        else:
+            out = {k: [x.tolist() for x in v] for k, v in out.items()}
+            if single:
+                out = {k: v[0] for k, v in out.items()}
+        return out
+
+    def decode(self, codes: Any, *, skip_special_tokens: bool = False, errors: str = "strict") -> str:
+        """Codes (list, array or tensor, 1-D) back to text."""
+        return self.tokenizer.decode(self.codec.decode(codes, errors=errors).tolist(),
+                                     skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, batch: Any, *, attention_mask: Any = None, skip_special_tokens: bool = False,
+                     errors: str = "strict") -> list[str]:
+        """Many code sequences (a list, or ``[B, T]`` with an optional attention mask) back to texts."""
+        ids = self.codec.decode_batch(batch, attention_mask=attention_mask, errors=errors)
+        return [self.tokenizer.decode(x.tolist(), skip_special_tokens=skip_special_tokens) for x in ids]
+
+    def render(self, text_or_codes: Any, *, format: str = "ansi") -> str:
+        """Show which spans became hypertokens: ANSI colours for terminals or HTML for notebooks and the web."""
+        import html
+
+        from .errors import ConfigError
+
+        if format not in ("ansi", "html"):
+            raise ConfigError(f"format must be 'ansi' or 'html', got {format!r}")
+        codes = (self(text_or_codes)["input_ids"] if isinstance(text_or_codes, str)
+                 else self.codec.encode([]) if text_or_codes is None else list(text_or_codes))
+        codes = [int(c) for c in (codes.tolist() if hasattr(codes, "tolist") else codes)]
+        state = self.codec.decoder_state()
+        V = self.codec.base_vocab_size
+        pieces, prev = [], ""
+        base: list[int] = []
+        for c in codes:
+            base.extend(state.push(c).ids.tolist())
+            full = self.tokenizer.decode(base)
+            span, prev = full[len(prev):], full
+            if format == "ansi":
+                colour = 30 + 1 + (c - V) % 6 if c >= V else None
+                pieces.append(f"\x1b[{colour}m{span}\x1b[0m" if colour else span)
+            else:
+                esc = html.escape(span)
+                pieces.append(f'<span class="hypertoken" title="{c}" style="background:hsl({(c - V) * 47 % 360},'
+                              f'70%,85%)">{esc}</span>' if c >= V else esc)
+        body = "".join(pieces)
+        return body if format == "ansi" else f'<pre class="hypervocab">{body}</pre>'
+
+    def save_pretrained(self, directory: Any) -> None:
+        """The base tokenizer's files plus ``hypervocab_config.json``."""
+        self.tokenizer.save_pretrained(str(directory))
+        self.config.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: Any) -> HyperTokenizer:
+        from .config import HyperConfig
+
+        return cls(load_tokenizer(str(directory)), HyperConfig.from_pretrained(directory))

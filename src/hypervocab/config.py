@@ -1,0 +1,176 @@
+"""``HyperConfig``: everything hypervocab adds to a base model, saved as JSON next to our weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = ["HyperConfig", "CONFIG_NAME", "bind_config"]
+
+CONFIG_NAME = "hypervocab_config.json"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class HyperConfig:
+    """Settings of a hypervocab model.
+
+    Codec:
+        max_codebook_size: ``C``, hypertokens per sequence (ids ``[V, V + C)``).
+        max_subtokens: ``M``, the longest phrase a hypertoken stands for.
+        base_vocab_size: ``V`` = ``len(tokenizer)``; filled in by :meth:`HyperModel.from_base`.
+        disabled_ids: ids never merged; ``None`` means every special/added token, the pad id and
+            (unless ``protect_digits=False``) every digit token, taken from the tokenizer.
+        protect_digits: see ``disabled_ids``.
+        pad_id: the padding id (taken from the tokenizer when ``None``).
+    Hyper-encoders (DESIGN.md section 3):
+        encoder: ``"transformer"`` (pre-LN, learned positions over ``M``, residual from the first
+            subtoken, zero-initialised output) or ``"mean"`` (parameter-free mean of the subtokens).
+        encoder_layers, encoder_heads, encoder_dim (latent width, ``None`` = min(model width, 256)),
+        encoder_ffn_mult: transformer sizes.
+        tie_encoders: one encoder for both sides; the default (untied) has a second one for the output side.
+    Model:
+        codebook_mask: ``"exact"`` (position t scores only rows installed by codes <= t, plus the one new
+            id that may legally come next; what inference does) or ``"none"`` (the whole sequence's table).
+        position_mode: ``"base"`` (a code sits at the base-stream index of its last base token) or
+            ``"compressed"`` (one position per code).
+    Provenance (filled in when saving): base_model_name_or_path, base_model_revision, hypervocab_version.
+    """
+
+    max_codebook_size: int = 2048
+    max_subtokens: int = 4
+    base_vocab_size: int | None = None
+    disabled_ids: list[int] | None = None
+    protect_digits: bool = True
+    pad_id: int | None = None
+    encoder: Literal["transformer", "mean"] = "transformer"
+    encoder_layers: int = 2
+    encoder_heads: int = 4
+    encoder_dim: int | None = None
+    encoder_ffn_mult: int = 4
+    tie_encoders: bool = False
+    codebook_mask: Literal["exact", "none"] = "exact"
+    position_mode: Literal["base", "compressed"] = "base"
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    hypervocab_version: str = field(default_factory=_version)
+
+    def __post_init__(self) -> None:
+        def check_int(name: str, lo: int, hi: int = 2**31 - 1, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+
+        def check_choice(name: str, choices: tuple) -> None:
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {getattr(self, name)!r}")
+
+        check_int("max_codebook_size", 0)
+        check_int("max_subtokens", 1, 64)
+        check_int("base_vocab_size", 1, optional=True)
+        check_int("pad_id", 0, optional=True)
+        check_int("encoder_layers", 0, 64)
+        check_int("encoder_heads", 1, 256)
+        check_int("encoder_dim", 1, 1 << 16, optional=True)
+        check_int("encoder_ffn_mult", 1, 64)
+        check_choice("encoder", ("transformer", "mean"))
+        check_choice("codebook_mask", ("exact", "none"))
+        check_choice("position_mode", ("base", "compressed"))
+        for name in ("protect_digits", "tie_encoders"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.encoder_dim is not None and self.encoder_dim % self.encoder_heads:
+            raise ConfigError(f"encoder_dim ({self.encoder_dim}) must be a multiple of encoder_heads "
+                              f"({self.encoder_heads})")
+        if self.disabled_ids is not None:
+            ids = list(self.disabled_ids)
+            bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0
+                   or (self.base_vocab_size is not None and i >= self.base_vocab_size)]
+            if bad:
+                raise ConfigError(f"disabled_ids must be ints in [0, base_vocab_size), got {bad[0]!r}")
+            self.disabled_ids = sorted(set(ids))
+        if self.base_vocab_size is not None and self.pad_id is not None and self.pad_id >= self.base_vocab_size:
+            raise ConfigError(f"pad_id must be below base_vocab_size={self.base_vocab_size}, got {self.pad_id}")
+
+    @property
+    def vocab_size(self) -> int:
+        """``V + C``: the size of the logits."""
+        if self.base_vocab_size is None:
+            raise ConfigError("base_vocab_size is not set yet: build the model with HyperModel.from_base")
+        return self.base_vocab_size + self.max_codebook_size
+
+    def codec(self):
+        """The :class:`~hypervocab.LZWCodec` these settings describe."""
+        from .codec import LZWCodec
+
+        if self.base_vocab_size is None or self.disabled_ids is None:
+            raise ConfigError("the config is not bound to a tokenizer yet: use HyperModel.from_base or "
+                              "HyperTokenizer.from_base")
+        return LZWCodec(self.base_vocab_size, self.max_codebook_size, self.max_subtokens,
+                        disabled_ids=self.disabled_ids, pad_id=self.pad_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HyperConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown hypervocab config keys {unknown}: written by a newer hypervocab "
+                              f"({data.get('hypervocab_version', '?')})?")
+        return cls(**data)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hypervocab_version = _version()
+        (directory / CONFIG_NAME).write_text(self.to_json_string(), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> HyperConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise ConfigError(f"{str(directory)!r} holds no {CONFIG_NAME}: not a hypervocab checkpoint")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+def bind_config(config: HyperConfig, tokenizer: Any, base: Any = None) -> HyperConfig:
+    """A copy of ``config`` with ``V``, the disabled ids, the pad id and the base model's name filled in."""
+    from .tokenizer import default_disabled_ids
+
+    config = copy.deepcopy(config)
+    V = len(tokenizer)
+    if config.base_vocab_size is not None and config.base_vocab_size != V:
+        raise ConfigError(f"the config says base_vocab_size={config.base_vocab_size} but the tokenizer has {V} ids")
+    config.base_vocab_size = V
+    if config.pad_id is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        config.pad_id = pad
+    if config.disabled_ids is None:
+        config.disabled_ids = default_disabled_ids(tokenizer, protect_digits=config.protect_digits)
+    if base is not None and config.base_model_name_or_path is None:
+        name = getattr(getattr(base, "config", None), "_name_or_path", None) or getattr(base, "name_or_path", None)
+        config.base_model_name_or_path = name or None
+        config.base_model_revision = getattr(getattr(base, "config", None), "_commit_hash", None)
+    config.__post_init__()
+    return config

@@ -1,0 +1,124 @@
+"""The base model's input embedding and LM head, wrapped to know hypertoken ids.
+
+Both wrappers hold the original module (same weights, no copies) and read the
+current batch's hypertoken tables from a context that :class:`HyperModel` sets
+around each call of the base model.  Outside such a call they behave exactly
+like the modules they wrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InvalidCodeError
+
+__all__ = ["HyperEmbedding", "HyperHead", "HeadContext"]
+
+# rows of the base logits computed at once: bounds the temporaries next to the one [B, T, V + C] tensor
+_ROWS_PER_CHUNK = 512
+
+
+class HyperEmbedding(nn.Module):
+    """Input embedding over ``V + C`` ids: base ids go through the base module, hypertokens read ``table``.
+
+    ``table`` is ``[B, W, D]``: row ``k`` of sequence ``b`` is the embedding of id ``V + k``.
+    """
+
+    def __init__(self, base: nn.Module, base_vocab_size: int) -> None:
+        super().__init__()
+        self.base = base
+        self.base_vocab_size = base_vocab_size
+        self.table: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # Hugging Face code reads embeddings.weight for dtype and device
+        return self.base.weight
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:  # weight tying assigns it
+        self.base.weight = value
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` [B, T] -> [B, T, D]."""
+        V = self.base_vocab_size
+        hyper = input_ids >= V
+        out = self.base(input_ids.masked_fill(hyper, 0))
+        if not bool(hyper.any()):
+            return out
+        table = self.table
+        if table is None:
+            raise InvalidCodeError(f"ids >= {V} are hypertokens: call the HyperModel, not the base model directly")
+        idx = (input_ids - V).clamp(min=0, max=table.shape[1] - 1)
+        rows = torch.gather(table, 1, idx.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
+        return torch.where(hyper.unsqueeze(-1), rows.to(out.dtype), out)
+
+
+@dataclass
+class HeadContext:
+    """What the head needs for one call: per-sequence output vectors and which rows each position sees.
+
+    table: ``[B, W, D]`` output vectors of ids ``V .. V + W - 1``.
+    visible: ``[B, T]`` rows ``< visible[b, t]`` are scored at position ``t``; the rest get ``-inf``.
+    candidates: ``[B, T, D]`` output vector of the new id that may legally follow position ``t``
+        (scored at row ``visible[b, t]``), or ``None``.
+    candidate_ok: ``[B, T]`` bool, where a candidate exists.
+    """
+
+    table: torch.Tensor
+    visible: torch.Tensor
+    candidates: torch.Tensor | None = None
+    candidate_ok: torch.Tensor | None = None
+
+
+class HyperHead(nn.Module):
+    """LM head over ``V + C`` ids: logits ``[base logits for ids < V] ++ [C hypertoken logits]``."""
+
+    def __init__(self, base: nn.Module, base_vocab_size: int, max_codebook_size: int) -> None:
+        super().__init__()
+        self.base = base
+        self.base_vocab_size = base_vocab_size
+        self.max_codebook_size = max_codebook_size
+        self.context: HeadContext | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        self.base.weight = value
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [B, T, D] -> logits [B, T, V + C]; rows not visible are ``-inf``."""
+        V, C = self.base_vocab_size, self.max_codebook_size
+        B, T, D = hidden.shape
+        flat_h = hidden.reshape(B * T, D)
+        first = self.base(flat_h[:_ROWS_PER_CHUNK])[:, :V]
+        out = first.new_empty(B * T, V + C)
+        out[: len(first), :V] = first
+        for s in range(_ROWS_PER_CHUNK, B * T, _ROWS_PER_CHUNK):  # one [B, T, V + C] tensor, small temporaries
+            out[s: s + _ROWS_PER_CHUNK, :V] = self.base(flat_h[s: s + _ROWS_PER_CHUNK])[:, :V]
+        out = out.view(B, T, V + C)
+        ctx = self.context
+        if C == 0:
+            return out
+        if ctx is None or ctx.table.shape[1] == 0:
+            out[..., V:] = float("-inf")
+            return out
+        W = min(ctx.table.shape[1], C)
+        hyper = torch.bmm(hidden, ctx.table[:, :W].transpose(1, 2).to(hidden.dtype))  # [B, T, W]
+        cols = torch.arange(W, device=hidden.device)
+        visible = cols.view(1, 1, W) < ctx.visible.unsqueeze(-1)
+        if ctx.candidates is not None:
+            # the legal new id right after t sits at row visible[b, t]
+            cand_logit = (hidden * ctx.candidates.to(hidden.dtype)).sum(-1)  # [B, T]
+            at = (cols.view(1, 1, W) == ctx.visible.unsqueeze(-1)) & ctx.candidate_ok.unsqueeze(-1)
+            hyper = torch.where(at, cand_logit.unsqueeze(-1), hyper)
+            visible = visible | at
+        out[..., V: V + W] = hyper.masked_fill(~visible, float("-inf")).to(out.dtype)
+        if W < C:
+            out[..., V + W:] = float("-inf")
+        return out

@@ -1,0 +1,379 @@
+"""``HyperModel``: a Hugging Face causal LM that reads and writes hypertokens.
+
+The base model keeps its weights and its forward; its input embedding and LM
+head are wrapped (:mod:`hypervocab.embedding`) so that ids ``>= V`` look up the
+current sequence's hypertoken tables, which the hyper-encoders compute from the
+phrases the LZW codebook holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codebook import CodebookBatch
+from .codec import DecoderState
+from .config import CONFIG_NAME, HyperConfig, bind_config
+from .embedding import HeadContext, HyperEmbedding, HyperHead
+from .errors import ConfigError, InputTypeError, InvalidCodeError
+from .hyper_encoder import build_encoder
+from .positions import position_ids as compute_position_ids
+
+__all__ = ["HyperModel", "HyperOutput", "HyperState", "WEIGHTS_NAME"]
+
+WEIGHTS_NAME = "hypervocab_encoders.safetensors"
+_LOSS_CHUNK = 1024  # positions per cross-entropy chunk
+
+
+@dataclass
+class HyperState:
+    """What a cached call carries over, per sequence: decoder states, hypertoken tables, counters.
+
+    in_table / out_table: ``[B, W, D]`` input and output vectors of ids ``V .. V + W - 1``.
+    base_len / code_len: ``[B]`` base tokens / codes read so far (padding excluded).
+    attention_mask: ``[B, S]`` every position seen so far.
+    """
+
+    decoders: list[DecoderState]
+    in_table: torch.Tensor
+    out_table: torch.Tensor
+    base_len: np.ndarray
+    code_len: np.ndarray
+    attention_mask: torch.Tensor
+
+
+@dataclass
+class HyperOutput:
+    """loss (scalar or ``None``), logits ``[B, T, V + C]``, the base model's cache and our :class:`HyperState`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+    hyper_state: HyperState | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+class HyperModel(nn.Module):
+    """A causal LM over ``V + C`` ids: base tokens plus per-sequence hypertokens.
+
+    Build it with :meth:`from_base` (a loaded model and its tokenizer) or
+    :meth:`from_pretrained` (a saved hypervocab checkpoint).  Only the
+    hyper-encoders (and LoRA adapters, see :meth:`add_lora`) are trainable.
+    """
+
+    def __init__(self, base: nn.Module, config: HyperConfig) -> None:
+        super().__init__()
+        if config.base_vocab_size is None or config.disabled_ids is None:
+            raise ConfigError("the config is not bound to a tokenizer: build the model with HyperModel.from_base")
+        self.config = config
+        self.codec = config.codec()
+        V, C, M = config.base_vocab_size, config.max_codebook_size, config.max_subtokens
+        emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+        if isinstance(emb, HyperEmbedding) or isinstance(head, HyperHead):
+            raise ConfigError("this base model is already wrapped by a HyperModel")
+        if head is None or not hasattr(head, "weight"):
+            raise ConfigError(f"{type(base).__name__} has no LM head: hypervocab needs a causal LM")
+        rows = emb.weight.shape[0]
+        if V > rows:
+            raise ConfigError(f"the tokenizer has {V} ids but the model's embedding has only {rows} rows: "
+                              f"tokenizer and model do not match")
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.base = base
+        base.set_input_embeddings(HyperEmbedding(emb, V))
+        base.set_output_embeddings(HyperHead(head, V, C))
+        weight = emb.weight
+        kw = dict(dim=config.encoder_dim, layers=config.encoder_layers, heads=config.encoder_heads,
+                  ffn_mult=config.encoder_ffn_mult)
+        self.input_encoder = build_encoder(config.encoder, weight.shape[1], M, **kw).to(weight.device, weight.dtype)
+        self.output_encoder = (self.input_encoder if config.tie_encoders else
+                               build_encoder(config.encoder, head.weight.shape[1], M, **kw).to(weight.device,
+                                                                                                weight.dtype))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(cls, base: nn.Module, tokenizer: Any, config: HyperConfig | None = None) -> HyperModel:
+        """Wrap a loaded causal LM; ``V``, the disabled ids and the pad id come from ``tokenizer``."""
+        return cls(base, bind_config(config or HyperConfig(), tokenizer, base))
+
+    @property
+    def embedding(self) -> HyperEmbedding:
+        return self.base.get_input_embeddings()
+
+    @property
+    def head(self) -> HyperHead:
+        return self.base.get_output_embeddings()
+
+    def add_lora(self, lora_config: Any) -> HyperModel:
+        """Put LoRA adapters (a ``peft.LoraConfig``) on the frozen base model; they are saved with our weights."""
+        try:
+            from peft import get_peft_model
+        except ImportError:
+            raise ImportError("LoRA needs peft: pip install 'hypervocab[model]'") from None
+        self.base = get_peft_model(self.base, lora_config)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ hypertoken tables
+
+    def encode_entries(self, phrases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> two [N, D]."""
+        mask = phrases >= 0
+        ids = phrases.clamp(min=0)
+        vin = self.embedding.base(ids)  # through the base module: Gemma's scaling included
+        vout = F.embedding(ids, self.head.base.weight)
+        return self.input_encoder(vin, mask), self.output_encoder(vout, mask)
+
+    def _tables(self, cb: CodebookBatch, B: int, width: int, device: torch.device,
+                old: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        D_in = self.embedding.base.weight.shape[1]
+        D_out = self.head.base.weight.shape[1]
+        dtype = self.embedding.base.weight.dtype
+        tin = torch.zeros(B, width, D_in, device=device, dtype=dtype)
+        tout = torch.zeros(B, width, D_out, device=device, dtype=dtype)
+        if old is not None and old[0].shape[1]:
+            w = old[0].shape[1]
+            tin = torch.cat([old[0], tin[:, w:]], 1)
+            tout = torch.cat([old[1], tout[:, w:]], 1)
+        if len(cb.phrases):
+            vin, vout = self.encode_entries(torch.as_tensor(cb.phrases, device=device))
+            idx = (torch.as_tensor(cb.entry_row, device=device), torch.as_tensor(cb.entry_slot, device=device))
+            tin = tin.index_put(idx, vin.to(dtype))
+            tout = tout.index_put(idx, vout.to(dtype))
+        return tin, tout
+
+    def _candidates(self, cb: CodebookBatch, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        ok = cb.candidates[..., 0] >= 0
+        if not ok.any():
+            return None, None
+        B, T, _ = cb.candidates.shape
+        D = self.head.base.weight.shape[1]
+        _, vout = self.encode_entries(torch.as_tensor(cb.candidates[ok], device=device))
+        cand = torch.zeros(B, T, D, device=device, dtype=vout.dtype)
+        cand[torch.as_tensor(ok, device=device)] = vout
+        return cand, torch.as_tensor(ok, device=device)
+
+    def _step_trace(self, state: HyperState, codes: np.ndarray, mask: np.ndarray) -> CodebookBatch:
+        """Push new codes into the sequences' decoder states; the same facts as CodebookBatch.from_codes."""
+        B, T = codes.shape
+        V, C, M = self.codec.base_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
+        n_after = np.zeros((B, T), np.int64)
+        cands = np.full((B, T, M), -1, np.int64)
+        lengths = np.ones((B, T), np.int64)
+        phrases, rows, slots = [], [], []
+        for b, dec in enumerate(state.decoders):
+            for t in range(T):
+                if mask[b, t]:
+                    try:
+                        step = dec.push(int(codes[b, t]))
+                    except InvalidCodeError as e:
+                        raise InvalidCodeError(f"input_ids[{b}][{t}]: {str(e).split(': ', 1)[1]}") from None
+                    lengths[b, t] = len(step.ids)
+                    for e in step.installed:
+                        phrases.append(list(e.phrase) + [-1] * (M - len(e.phrase)))
+                        rows.append(b)
+                        slots.append(e.id - V)
+                n_after[b, t] = len(dec)
+                p = dec.pending
+                if len(dec) < C and 0 < len(p) < M:
+                    cands[b, t, : len(p) + 1] = list(p) + [p[0]]
+        counts = np.array([len(d) for d in state.decoders], np.int64)
+        return CodebookBatch(np.array(phrases, np.int64).reshape(-1, M), np.array(rows, np.int64),
+                             np.array(slots, np.int64), counts, n_after, cands, lengths)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        codebooks: CodebookBatch | None = None,
+        past_key_values: Any = None,
+        hyper_state: HyperState | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> HyperOutput:
+        """Run the model on compressed ids.
+
+        Args:
+            input_ids: ``[B, T]`` codes (from :class:`~hypervocab.HyperTokenizer`), left padding allowed.
+            attention_mask: ``[B, T]`` (or ``[B, past + T]`` in a cached call); 0 marks padding.
+            position_ids: ``[B, T]``; computed from ``config.position_mode`` when omitted.
+            labels: ``[B, T]`` target codes (usually ``input_ids``), shifted inside; padding and ``-100``
+                are ignored.
+            codebooks: the batch's :class:`~hypervocab.codebook.CodebookBatch`, if the data pipeline made it.
+            past_key_values / hyper_state: continue a cached call (pass both from the previous output).
+            use_cache: return the cache and a :class:`HyperState` to continue from.
+
+        Returns:
+            :class:`HyperOutput`: ``logits`` ``[B, T, V + C]`` (rows not installed at a position are
+            ``-inf``), ``loss`` when ``labels`` are given.
+        """
+        ids = self._check_ids(input_ids)
+        B, T = ids.shape
+        device = input_ids.device
+        cached = hyper_state is not None
+        if past_key_values is not None and not cached:
+            raise InputTypeError("past_key_values needs the hyper_state of the same previous call")
+        mask = self._new_mask(attention_mask, hyper_state, B, T, device)
+        mask_np = mask.cpu().numpy()
+        V, C = self.codec.base_vocab_size, self.codec.max_codebook_size
+        if not cached:
+            cb = codebooks if codebooks is not None else CodebookBatch.from_codes(self.codec, ids)
+            old = None
+            base_off = code_off = None
+        else:
+            cb = self._step_trace(hyper_state, ids, mask_np)
+            old = (hyper_state.in_table, hyper_state.out_table)
+            base_off, code_off = hyper_state.base_len, hyper_state.code_len
+        exact = cached or self.config.codebook_mask == "exact"
+        needed = max(int(cb.counts.max(initial=0)), int(cb.n_after.max(initial=0)) + int(exact))
+        width = min(C, max(needed, 0 if old is None else old[0].shape[1]))
+        tin, tout = self._tables(cb, B, width, device, old)
+        if exact:
+            visible = torch.as_tensor(cb.n_after, device=device)
+            cand, cand_ok = self._candidates(cb, device)
+        else:
+            visible = torch.as_tensor(cb.counts, device=device).view(B, 1).expand(B, T)
+            cand = cand_ok = None
+        if position_ids is None:
+            position_ids = torch.as_tensor(compute_position_ids(cb.lengths, mask_np, self.config.position_mode,
+                                                        base_offset=base_off, code_offset=code_off), device=device)
+        full_mask = mask if not cached else torch.cat([hyper_state.attention_mask, mask], 1)
+        emb, head = self.embedding, self.head
+        emb.table, head.context = tin, HeadContext(tout, visible, cand, cand_ok)
+        try:
+            out = self.base(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        finally:
+            emb.table, head.context = None, None
+        logits = out.logits
+        loss = self._loss(logits, labels, mask) if labels is not None else None
+        state = None
+        if use_cache:
+            decoders = hyper_state.decoders if cached else self._decoders_from(ids)
+            lengths = cb.lengths * mask_np
+            state = HyperState(decoders, tin.detach(), tout.detach(),
+                               (0 if base_off is None else base_off) + lengths.sum(1),
+                               (0 if code_off is None else code_off) + mask_np.sum(1), full_mask)
+        return HyperOutput(loss, logits, getattr(out, "past_key_values", None), state)
+
+    def _check_ids(self, input_ids: Any) -> np.ndarray:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+                torch.int64, torch.int32):
+            raise InputTypeError("input_ids must be a [batch, length] integer torch.Tensor, got "
+                                 + (f"shape {tuple(input_ids.shape)} {input_ids.dtype}"
+                                    if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
+        ids = input_ids.detach().cpu().numpy().astype(np.int64)
+        bad = (ids < 0) | (ids >= self.codec.vocab_size)
+        if bad.any():
+            b, t = (int(x) for x in np.argwhere(bad)[0])
+            raise InvalidCodeError(f"input_ids[{b}][{t}] = {int(ids[b, t])} is outside the id space "
+                                   f"[0, {self.codec.vocab_size}) (base_vocab_size {self.codec.base_vocab_size} + "
+                                   f"max_codebook_size {self.codec.max_codebook_size})")
+        return ids
+
+    @staticmethod
+    def _new_mask(attention_mask: Any, state: HyperState | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.ones(B, T, dtype=torch.long, device=device)
+        past = 0 if state is None else state.attention_mask.shape[1]
+        if attention_mask.shape == (B, past + T):
+            return attention_mask[:, past:].long()
+        if attention_mask.shape == (B, T):
+            return attention_mask.long()
+        raise InputTypeError(f"attention_mask must be [B, T] = {(B, T)} or [B, past + T] = {(B, past + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+
+    def _decoders_from(self, ids: np.ndarray) -> list[DecoderState]:
+        decoders = []
+        for row in ids:
+            d = self.codec.decoder_state()
+            d.push(row)
+            decoders.append(d)
+        return decoders
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Next-code cross-entropy, in chunks of positions (no second [B, T, V + C] tensor)."""
+        target = labels[:, 1:].clone()
+        target[mask[:, 1:] == 0] = -100
+        pred = logits[:, :-1]
+        total = logits.new_zeros((), dtype=torch.float32)
+        for s in range(0, pred.shape[1], _LOSS_CHUNK):
+            chunk = pred[:, s: s + _LOSS_CHUNK]
+            total = total + F.cross_entropy(chunk.reshape(-1, chunk.shape[-1]).float(),
+                                            target[:, s: s + _LOSS_CHUNK].reshape(-1), ignore_index=-100,
+                                            reduction="sum")
+        return total / (target != -100).sum().clamp(min=1)
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save only what hypervocab adds: the config, the encoders and LoRA adapters (never the base weights)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(directory)
+        tensors = {f"input_encoder.{k}": v.detach().contiguous() for k, v in self.input_encoder.state_dict().items()}
+        if not self.config.tie_encoders:
+            tensors.update({f"output_encoder.{k}": v.detach().contiguous()
+                            for k, v in self.output_encoder.state_dict().items()})
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"hypervocab_version": self.config.hypervocab_version})
+        if hasattr(self.base, "peft_config"):
+            self.base.save_pretrained(str(directory))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, base_model: nn.Module | None = None,
+                        **base_kwargs: Any) -> HyperModel:
+        """Load a checkpoint made by :meth:`save_pretrained`.
+
+        The base model is loaded from ``config.base_model_name_or_path`` (at the saved revision) unless
+        ``base_model`` is given; ``base_kwargs`` go to ``AutoModelForCausalLM.from_pretrained``.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = HyperConfig.from_pretrained(directory)
+        if base_model is None:
+            from transformers import AutoModelForCausalLM
+
+            if not config.base_model_name_or_path:
+                raise ConfigError(f"{CONFIG_NAME} names no base model: pass base_model=")
+            if config.base_model_revision:
+                base_kwargs.setdefault("revision", config.base_model_revision)
+            base_model = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, **base_kwargs)
+        if (directory / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base_model = PeftModel.from_pretrained(base_model, str(directory))
+        model = cls(base_model, config)
+        path = directory / WEIGHTS_NAME
+        if not path.is_file():
+            raise ConfigError(f"{str(directory)!r} holds no {WEIGHTS_NAME}: an incomplete hypervocab checkpoint")
+        tensors = load_file(str(path))
+        for name, module in (("input_encoder", model.input_encoder), ("output_encoder", model.output_encoder)):
+            if name == "output_encoder" and config.tie_encoders:
+                continue
+            part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            try:
+                module.load_state_dict(part, strict=True)
+            except RuntimeError as e:
+                raise ConfigError(f"the checkpoint's {name} does not fit this model "
+                                  f"(saved by hypervocab {config.hypervocab_version}): {e}") from None
+        return model

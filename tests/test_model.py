@@ -1,0 +1,236 @@
+"""HyperModel on tiny random models of five architectures, with the real SmolLM2 tokenizer and real code."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from hypervocab import HyperConfig, HyperModel, HyperTokenizer
+from hypervocab.errors import ConfigError, InvalidCodeError
+
+transformers = pytest.importorskip("transformers")
+
+V = 49152  # the SmolLM2 tokenizer
+
+
+def tiny(arch: str):
+    """A tiny random model of ``arch`` over the real tokenizer's vocabulary."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048)
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True))
+    if arch == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4,
+                                                                    n_positions=2048))
+    if arch == "phi3":
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=0))
+    if arch == "gemma3":
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, head_dim=8))
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen2", "gpt2", "phi3", "gemma3"]
+
+
+def make(arch: str, tok, **kw) -> HyperModel:
+    model = HyperModel.from_base(tiny(arch).eval(), tok, HyperConfig(max_codebook_size=64, max_subtokens=4, **kw))
+    with torch.no_grad():  # random encoders, so that hypertokens differ from their first subtoken
+        for p in list(model.input_encoder.parameters()) + list(model.output_encoder.parameters()):
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def code_text(stdlib_files):
+    return stdlib_files[0].read_text(encoding="utf-8")[:1500]
+
+
+@pytest.fixture(scope="module")
+def htok(smollm2_tokenizer):
+    return HyperTokenizer.from_base(smollm2_tokenizer, HyperConfig(max_codebook_size=64, max_subtokens=4))
+
+
+def step_by_step(model: HyperModel, codes: torch.Tensor) -> torch.Tensor:
+    out = model(codes[:, :1], use_cache=True)
+    logits = [out.logits]
+    for t in range(1, codes.shape[1]):
+        out = model(codes[:, t: t + 1], past_key_values=out.past_key_values, hyper_state=out.hyper_state,
+                    use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_without_hypertokens_logits_equal_the_base_model(arch, smollm2_tokenizer, code_text):
+    base_ids = torch.tensor([smollm2_tokenizer(code_text[:300])["input_ids"]])
+    reference = tiny(arch).eval()
+    model = make(arch, smollm2_tokenizer)
+    with torch.no_grad():
+        want = reference(base_ids).logits
+        got = model(base_ids).logits  # plain base ids: no hypertoken anywhere
+    assert got.shape == (1, base_ids.shape[1], V + 64)
+    assert torch.equal(got[..., :V], want)
+    zero = HyperModel.from_base(tiny(arch).eval(), smollm2_tokenizer, HyperConfig(max_codebook_size=0))
+    codes = torch.tensor(zero.codec.encode(base_ids[0]))[None]
+    with torch.no_grad():
+        assert torch.equal(zero(codes).logits, want)  # C = 0: the codec changes nothing
+
+
+MODES = [(arch, "exact", "base") for arch in ARCHS] + [("llama", m, p) for m, p in
+                                                       [("exact", "compressed"), ("none", "base"), ("none", "compressed")]]
+
+
+@pytest.mark.parametrize("arch, mask, positions", MODES)
+def test_full_forward_equals_kv_cached_steps(arch, mask, positions, smollm2_tokenizer, code_text):
+    model = make(arch, smollm2_tokenizer, codebook_mask=mask, position_mode=positions)
+    ids = smollm2_tokenizer(code_text[:450])["input_ids"]
+    codes = torch.tensor(model.codec.encode(ids))[None]
+    assert (codes >= V).sum() >= 3  # the text really has hypertokens
+    with torch.no_grad():
+        full = model(codes).logits
+        step = step_by_step(model, codes)
+    if mask == "exact":  # what inference sees: the same rows, the same values
+        assert torch.equal(torch.isfinite(full), torch.isfinite(step))
+        torch.testing.assert_close(full, step, rtol=1e-4, atol=1e-4)
+    else:  # "none" also shows rows installed later; where both score a row, they agree
+        n = torch.tensor(model.codec.trace_batch(codes)[1])  # entries installed after each position
+        cols = torch.arange(V + 64).view(1, 1, -1)
+        both = cols < V + n.unsqueeze(-1)
+        torch.testing.assert_close(full[both], step[both], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_left_padding_gives_the_same_logits_as_each_sequence_alone(arch, smollm2_tokenizer, code_text, htok):
+    model = make(arch, smollm2_tokenizer)
+    texts = [code_text[:400], code_text[400:600], code_text[600:1200]]
+    batch = htok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        together = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for i, text in enumerate(texts):
+            alone = htok(text, return_tensors="pt")
+            single = model(alone["input_ids"]).logits[0]
+            n = single.shape[0]
+            torch.testing.assert_close(together[i, -n:], single, rtol=1e-4, atol=1e-4)
+            # the tokenizer's position ids are the ones the model computes
+            assert torch.equal(batch["position_ids"][i, -n:], alone["position_ids"][0])
+
+
+def test_loss_gradients_reach_only_encoders_and_lora(smollm2_tokenizer, htok, code_text):
+    peft = pytest.importorskip("peft")
+    model = make("llama", smollm2_tokenizer)
+    model.add_lora(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    batch = htok([code_text[:500], code_text[500:900]], return_tensors="pt", padding=True)
+    out = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, labels=batch["input_ids"])
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("input_encoder", "output_encoder")) or "lora_" in n for n in trainable)
+    assert any("lora_" in n for n in trainable)
+    assert model.output_encoder.out_proj.weight.grad.abs().sum() > 0
+    assert model.embedding.base.weight.grad is None
+
+
+def test_save_and_load_give_identical_logits(smollm2_tokenizer, htok, code_text, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = make("qwen2", smollm2_tokenizer)
+    model.add_lora(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    codes = htok(code_text[:600], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(codes).logits
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "hypervocab_encoders.safetensors"))
+    assert saved and all(k.startswith(("input_encoder.", "output_encoder.")) for k in saved)
+    lora = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert lora and all("lora_" in k for k in lora)  # no base weight anywhere in the checkpoint
+    config = HyperConfig.from_pretrained(tmp_path)
+    assert config.hypervocab_version and config.base_vocab_size == V
+    loaded = HyperModel.from_pretrained(tmp_path, base_model=tiny("qwen2").eval()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(codes).logits, want)
+
+
+def test_bad_input_gives_clear_errors(smollm2_tokenizer, tmp_path):
+    model = make("llama", smollm2_tokenizer)
+    with pytest.raises(InvalidCodeError, match=re.escape(
+            "input_ids[0][1] = 49216 is outside the id space [0, 49216) (base_vocab_size 49152 + "
+            "max_codebook_size 64)")):
+        model(torch.tensor([[5, V + 64]]))
+    with pytest.raises(InvalidCodeError, match=re.escape("codes[0][1] = 49153 cannot be decoded")):
+        model(torch.tensor([[5, V + 1]]))  # a hypertoken that was never defined
+    small = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=1000, hidden_size=16,
+                                                                   intermediate_size=32, num_hidden_layers=1,
+                                                                   num_attention_heads=2))
+    with pytest.raises(ConfigError, match=re.escape("the tokenizer has 49152 ids but the model's embedding has only "
+                                                    "1000 rows: tokenizer and model do not match")):
+        HyperModel.from_base(small, smollm2_tokenizer)
+    model.save_pretrained(tmp_path)
+    other = HyperConfig.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("the checkpoint's input_encoder does not fit this model")):
+        HyperModel.from_pretrained(tmp_path, base_model=transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)))
+    with pytest.raises(ConfigError, match="holds no hypervocab_config.json: not a hypervocab checkpoint"):
+        HyperModel.from_pretrained(tmp_path / "nowhere")
+    assert other.max_codebook_size == 64
+    with pytest.raises(ConfigError, match=re.escape("codebook_mask must be one of 'exact', 'none', got 'full'")):
+        HyperConfig(codebook_mask="full")
+
+
+def test_gemma_scaled_embeddings_reach_the_encoder(smollm2_tokenizer):
+    model = HyperModel.from_base(tiny("gemma3").eval(), smollm2_tokenizer,
+                                 HyperConfig(max_codebook_size=8, encoder="mean"))
+    phrase = torch.tensor([[100, 200, -1, -1]])
+    vin, vout = model.encode_entries(phrase)
+    scaled = model.embedding.base(torch.tensor([100, 200]))  # Gemma multiplies by sqrt(hidden)
+    torch.testing.assert_close(vin[0], scaled.mean(0))
+    torch.testing.assert_close(vout[0], model.head.base.weight[[100, 200]].mean(0))
+    assert not torch.allclose(scaled, model.embedding.base.weight[[100, 200]])
+    assert model.embedding.base.weight is model.head.base.weight  # tied, never copied
+
+
+def test_hyper_tokenizer_round_trip_render_and_save(htok, code_text, tmp_path):
+    texts = [code_text[:300], code_text[300:420]]
+    batch = htok(texts, return_tensors="pt", padding=True, return_codebooks=True)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["position_ids"].shape
+    assert (batch["input_ids"] >= V).any() and batch["attention_mask"][1, 0] == 0  # left padding
+    assert htok.batch_decode(batch["input_ids"], attention_mask=batch["attention_mask"]) == texts
+    single = htok(texts[0])
+    assert isinstance(single["input_ids"], list) and htok.decode(single["input_ids"]) == texts[0]
+    assert len(single["input_ids"]) < len(htok.tokenizer(texts[0])["input_ids"])
+    ansi, page = htok.render(texts[0]), htok.render(single["input_ids"], format="html")
+    assert "\x1b[" in ansi and re.sub(r"\x1b\[[0-9;]*m", "", ansi) == texts[0]
+    assert page.startswith('<pre class="hypervocab">') and 'class="hypertoken"' in page
+    htok.save_pretrained(tmp_path)
+    again = HyperTokenizer.from_pretrained(tmp_path)
+    assert again(texts)["input_ids"] == htok(texts)["input_ids"] and again.config == htok.config
+    with pytest.raises(ConfigError, match=re.escape("format must be 'ansi' or 'html', got 'pdf'")):
+        htok.render(texts[0], format="pdf")
+
+
+@pytest.mark.slow
+def test_real_smollm2(code_text):
+    """The real SmolLM2-135M: base logits untouched, cached steps equal the full forward, a sane start loss."""
+    from assets import smollm2_model_dir
+
+    path = smollm2_model_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([tok(code_text[:400])["input_ids"]])
+    with torch.no_grad():
+        want = base(ids).logits
+    model = HyperModel.from_base(base, tok, HyperConfig(max_codebook_size=256)).eval()
+    htok = HyperTokenizer.from_base(tok, model.config)
+    codes = htok(code_text[:400], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits[..., :V], want)
+        full = model(codes, labels=codes)
+        torch.testing.assert_close(step_by_step(model, codes), full.logits, rtol=1e-4, atol=1e-3)
+    # zero-initialised encoders: a hypertoken starts as its first subtoken, so the start loss stays sane
+    assert torch.isfinite(full.loss) and full.loss < 20
