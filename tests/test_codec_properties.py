@@ -109,7 +109,7 @@ def test_push_batch_equals_single_pushes(data):
     single = [codec.decoder_state() for _ in streams]
     for t in range(T):
         got = DecoderState.push_batch(batch, np.array([s[t] for s in streams]))
-        want = [(b, e) for b, s in enumerate(streams) for e in single[b].push(s[t]).installed]
+        want = [(b, e.id, e.phrase) for b, s in enumerate(streams) for e in single[b].push(s[t]).installed]
         assert got == want
     assert batch == single
 

@@ -635,7 +635,7 @@ class DecoderState:
         return tuple(Entry(V + n0 + k, tuple(row[:n])) for k, (row, n) in enumerate(zip(rows.tolist(), lengths)))
 
     @staticmethod
-    def push_batch(states: Sequence[DecoderState], codes: IdSequence) -> list[tuple[int, Entry]]:
+    def push_batch(states: Sequence[DecoderState], codes: IdSequence) -> list[tuple[int, int, tuple[int, ...]]]:
         """Advance many states by one code each (one generation step of a batch).
 
         All-or-nothing: if any code is invalid for its state, nothing changes
@@ -646,7 +646,8 @@ class DecoderState:
             codes: ``[B]`` codes, one per state.
 
         Returns:
-            ``(batch_index, Entry)`` for every entry installed, in batch order.
+            ``(batch_index, entry_id, phrase)`` for every entry installed, in batch order (plain tuples:
+            this is the per-step hot path of generation).
         """
         if not isinstance(states, (list, tuple)):
             raise InputTypeError(f"states must be a list or tuple of DecoderState objects, got {type(states).__name__}")
@@ -657,8 +658,8 @@ class DecoderState:
         # the per-step hot path: a short int list or an int64 array goes to the core as it is
         if type(codes) is list and len(codes) <= 64:
             flat = codes
-        elif type(codes) is np.ndarray and codes.dtype == np.int64 and codes.ndim == 1 and codes.flags.c_contiguous:
-            flat = codes
+        elif type(codes) is np.ndarray and codes.ndim == 1 and len(codes) <= 64:
+            flat = codes.tolist()  # exporting a NumPy buffer costs more than a short list of Python ints
         else:
             flat = _as_int64(codes, "codes", CodeTypeError)
         if len(flat) != len(cores):
@@ -674,7 +675,7 @@ class DecoderState:
             c = int(flat[out])
             raise InvalidCodeError(f"codes[{out}] = {c} cannot be decoded by states[{out}]: "
                                    + _why_invalid(states[out], c))
-        return [(b, Entry(i, phrase)) for b, i, phrase in out]
+        return out
 
     def is_valid(self, code: int) -> bool:
         """Whether ``code`` (an int) may come next."""
