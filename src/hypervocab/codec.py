@@ -434,9 +434,7 @@ class LZWCodec:
 
     def _explain_invalid(self, codes: np.ndarray, pos: int, where: str) -> InvalidCodeError:
         """Say why ``codes[pos]`` cannot be decoded, from the state just before it (error path only)."""
-        state = self.decoder_state()
-        state._core.push(codes[:pos], _lzw.ERRORS_STRICT, -1)
-        return InvalidCodeError(f"{where} = {int(codes[pos])} cannot be decoded: " + _why_invalid(state, int(codes[pos])))
+        return _invalid_code(self.decoder_state(), codes, pos, where)
 
     def decode(self, codes: IdSequence, *, errors: Errors = "strict",
                return_codebook: bool = False) -> np.ndarray | tuple[np.ndarray, Codebook]:
@@ -615,14 +613,8 @@ class DecoderState:
         replacement = self.codec.replacement_id if self.codec.replacement_id is not None else -1
         ids, err = self._core.push(flat, mode, replacement)
         if err >= 0:
-            raise self._explain(flat, err)
+            raise _invalid_code(self.copy(), flat, err, f"codes[{err}]")
         return Decoded(_frombuffer(ids), self._entries_since(n0))
-
-    def _explain(self, flat: np.ndarray, err: int) -> InvalidCodeError:
-        probe = self.copy()
-        probe._core.push(flat[:err], _lzw.ERRORS_STRICT, -1)
-        c = int(flat[err])
-        return InvalidCodeError(f"codes[{err}] = {c} cannot be decoded: " + _why_invalid(probe, c))
 
     def _entries_since(self, n0: int) -> tuple[Entry, ...]:
         n = self._core.size()
@@ -747,6 +739,13 @@ class DecoderState:
 
     def __repr__(self) -> str:
         return f"DecoderState({len(self)} entries, pending={list(self.pending)})"
+
+
+def _invalid_code(state: DecoderState, codes: np.ndarray, pos: int, where: str) -> InvalidCodeError:
+    """The error for ``codes[pos]``: ``state`` (a scratch state, changed here) is first advanced to ``pos``."""
+    state._core.push(codes[:pos], _lzw.ERRORS_STRICT, -1)
+    c = int(codes[pos])
+    return InvalidCodeError(f"{where} = {c} cannot be decoded: " + _why_invalid(state, c))
 
 
 def _why_invalid(state: DecoderState, c: int) -> str:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codebook import CodebookBatch
+from .codebook import CodebookBatch, next_candidates
 from .codec import DecoderState
 from .config import CONFIG_NAME, HyperConfig, bind_config
 from .embedding import HeadContext, HyperEmbedding, HyperHead
@@ -169,7 +169,7 @@ class HyperModel(nn.Module):
         B, T = codes.shape
         V, C, M = self.codec.base_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
         n_after = np.zeros((B, T), np.int64)
-        cands = np.full((B, T, M), -1, np.int64)
+        pending = np.full((B, T, M), -1, np.int64)
         lengths = np.ones((B, T), np.int64)
         phrases, rows, slots = [], [], []
         for b, dec in enumerate(state.decoders):
@@ -186,11 +186,10 @@ class HyperModel(nn.Module):
                         slots.append(e.id - V)
                 n_after[b, t] = len(dec)
                 p = dec.pending
-                if len(dec) < C and 0 < len(p) < M:
-                    cands[b, t, : len(p) + 1] = list(p) + [p[0]]
+                pending[b, t, : len(p)] = p
         counts = np.array([len(d) for d in state.decoders], np.int64)
         return CodebookBatch(np.array(phrases, np.int64).reshape(-1, M), np.array(rows, np.int64),
-                             np.array(slots, np.int64), counts, n_after, cands, lengths)
+                             np.array(slots, np.int64), counts, n_after, next_candidates(pending, n_after, C), lengths)
 
     # ------------------------------------------------------------------ forward
 
@@ -231,7 +230,7 @@ class HyperModel(nn.Module):
             raise InputTypeError("past_key_values needs the hyper_state of the same previous call")
         mask = self._new_mask(attention_mask, hyper_state, B, T, device)
         mask_np = mask.cpu().numpy()
-        V, C = self.codec.base_vocab_size, self.codec.max_codebook_size
+        C = self.codec.max_codebook_size
         if not cached:
             cb = codebooks if codebooks is not None else CodebookBatch.from_codes(self.codec, ids)
             old = None

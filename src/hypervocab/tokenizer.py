@@ -105,9 +105,7 @@ class HyperTokenizer:
             masks = [np.ones(len(c), np.int64) for c in codes]
         else:
             codes, masks = list(enc.codes), list(enc.attention_mask)
-        V = self.codec.base_vocab_size
-        lengths = [np.where(c >= V, np.array([book.lengths[x - V] if x >= V else 1 for x in c.tolist()], np.int64), 1)
-                   for c, book in zip(codes, enc.codebooks)]
+        lengths = [book.code_lengths(c) for c, book in zip(codes, enc.codebooks)]
         positions = [position_ids(ln[None], m[None], self.config.position_mode)[0] for ln, m in zip(lengths, masks)]
         out: dict[str, Any] = {"input_ids": codes, "attention_mask": masks, "position_ids": positions}
         if return_tensors is not None:
@@ -143,9 +141,10 @@ class HyperTokenizer:
 
         if format not in ("ansi", "html"):
             raise ConfigError(f"format must be 'ansi' or 'html', got {format!r}")
-        codes = (self(text_or_codes)["input_ids"] if isinstance(text_or_codes, str)
-                 else self.codec.encode([]) if text_or_codes is None else list(text_or_codes))
-        codes = [int(c) for c in (codes.tolist() if hasattr(codes, "tolist") else codes)]
+        if isinstance(text_or_codes, str):
+            codes = self(text_or_codes)["input_ids"]
+        else:  # a list, array or tensor of codes
+            codes = [int(c) for c in (text_or_codes.tolist() if hasattr(text_or_codes, "tolist") else text_or_codes)]
         state = self.codec.decoder_state()
         V = self.codec.base_vocab_size
         pieces, prev = [], ""

@@ -148,22 +148,10 @@ def _compress(codec: LZWCodec, ids: np.ndarray, window: int, unit: str) -> Itera
     return codec.encode_batch([ids[i: i + window] for i in range(0, len(ids), window)]).codes
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool) -> Any:
-    if not enabled or total < 20:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, unit="file", desc="compressing", leave=False)
+    from tqdm import tqdm  # part of the [hf] extra the report needs anyway
+
+    return tqdm(total=total, unit="file", desc="compressing", leave=False, disable=not enabled or total < 20)
 
 
 def format_markdown(rows: Sequence[CompressionRow]) -> str:
