@@ -832,6 +832,10 @@ typedef struct {
 } DecoderObject;
 
 static uint64_t push_batch_epoch = 0; /* guarded by the GIL */
+static PyObject *core_attr = NULL;     /* "_core": the Decoder inside a hypervocab.DecoderState */
+
+/* The Decoder of a batch item: a Decoder, or an object holding one as `_core` (borrowed), or NULL. */
+static DecoderObject *as_decoder(PyObject *d);
 
 static PyTypeObject DecoderType;
 
@@ -1053,13 +1057,29 @@ static PyTypeObject DecoderType = {
  * One code per decoder; validity depends only on each state, so checking first
  * makes the step all-or-nothing.
  */
+static DecoderObject *as_decoder(PyObject *d) {
+    if (Py_TYPE(d) == &DecoderType) return (DecoderObject *)d;
+    PyObject *core = PyObject_GetAttr(d, core_attr);
+    if (!core) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(core); /* the state keeps it alive for the whole call */
+    return Py_TYPE(core) == &DecoderType ? (DecoderObject *)core : NULL;
+}
+
 static PyObject *py_push_batch(PyObject *self, PyObject *args) {
     PyObject *decs, *codes_o;
-    if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &decs, &codes_o)) return NULL;
+    if (!PyArg_ParseTuple(args, "OO", &decs, &codes_o)) return NULL;
+    if (!PyList_Check(decs) && !PyTuple_Check(decs)) {
+        PyErr_SetString(PyExc_TypeError, "states must be a list or tuple");
+        return NULL;
+    }
     Py_buffer codes;
     int64_t small[64];
     int have_buffer = 0;
-    const Py_ssize_t B = PyList_GET_SIZE(decs);
+    const Py_ssize_t B = PySequence_Fast_GET_SIZE(decs);
+    PyObject **items = PySequence_Fast_ITEMS(decs);
     const int64_t *c;
     Py_ssize_t ncodes;
     if (PyList_Check(codes_o) && PyList_GET_SIZE(codes_o) <= 64) { /* the common per-step call: no NumPy */
@@ -1082,23 +1102,23 @@ static PyObject *py_push_batch(PyObject *self, PyObject *args) {
     }
     PyObject *result = NULL;
     if (ncodes != B) {
-        PyErr_SetString(PyExc_ValueError, "one code per decoder");
+        PyErr_SetString(PyExc_TypeError, "one code per decoder");
         goto done;
     }
     const uint64_t epoch = ++push_batch_epoch;
     for (Py_ssize_t b = 0; b < B; b++) {
-        PyObject *d = PyList_GET_ITEM(decs, b);
-        if (Py_TYPE(d) != &DecoderType) {
-            PyErr_SetString(PyExc_TypeError, "expected Decoder objects");
+        DecoderObject *d = as_decoder(items[b]);
+        if (!d) {
+            PyErr_SetString(PyExc_TypeError, "expected decoder states");
             goto done;
         }
         /* every code is checked against its state before any is applied, so each state may appear once */
-        if (((DecoderObject *)d)->epoch == epoch) {
+        if (d->epoch == epoch) {
             result = PyLong_FromSsize_t(-1 - b);
             goto done;
         }
-        ((DecoderObject *)d)->epoch = epoch;
-        if (!dstate_valid(&((DecoderObject *)d)->s, c[b])) {
+        d->epoch = epoch;
+        if (!dstate_valid(&d->s, c[b])) {
             result = PyLong_FromSsize_t(b);
             goto done;
         }
@@ -1107,7 +1127,7 @@ static PyObject *py_push_batch(PyObject *self, PyObject *args) {
     if (!result) goto done;
     int64_t buf[64];
     for (Py_ssize_t b = 0; b < B; b++) {
-        dstate_t *s = &((DecoderObject *)PyList_GET_ITEM(decs, b))->s;
+        dstate_t *s = &as_decoder(items[b])->s;
         int64_t *out = s->cfg.M + 1 <= 64 ? buf : alloc_i64(s->cfg.M + 1);
         if (!out) {
             Py_CLEAR(result);
@@ -1199,6 +1219,8 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__lzw(void) {
     if (PyType_Ready(&BufferType) < 0 || PyType_Ready(&DecoderType) < 0) return NULL;
+    core_attr = PyUnicode_InternFromString("_core");
+    if (!core_attr) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&BufferType);

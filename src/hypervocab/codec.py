@@ -641,26 +641,17 @@ class DecoderState:
             ``(batch_index, entry_id, phrase)`` for every entry installed, in batch order (plain tuples:
             this is the per-step hot path of generation).
         """
-        if not isinstance(states, (list, tuple)):
-            raise InputTypeError(f"states must be a list or tuple of DecoderState objects, got {type(states).__name__}")
+        # the per-step hot path: the core takes the states and a short int list (or int64 array) as they are
+        if type(codes) is np.ndarray and codes.ndim == 1 and len(codes) <= 64:
+            codes = codes.tolist()  # cheaper than exporting a NumPy buffer
         try:
-            cores = [s._core for s in states]
-        except AttributeError:
-            raise InputTypeError("states must be a list or tuple of DecoderState objects") from None
-        # the per-step hot path: a short int list or an int64 array goes to the core as it is
-        if type(codes) is list and len(codes) <= 64:
+            if type(codes) is not list:
+                raise TypeError
+            out = _lzw.push_batch(states, codes)
             flat = codes
-        elif type(codes) is np.ndarray and codes.ndim == 1 and len(codes) <= 64:
-            flat = codes.tolist()  # exporting a NumPy buffer costs more than a short list of Python ints
-        else:
-            flat = _as_int64(codes, "codes", CodeTypeError)
-        if len(flat) != len(cores):
-            raise CodeTypeError(f"codes has {len(flat)} codes for {len(cores)} states; give one code per state")
-        try:
-            out = _lzw.push_batch(cores, flat)
-        except TypeError:  # a list holding something other than int64-sized ints: explain it the usual way
-            flat = _as_int64(codes, "codes", CodeTypeError)
-            out = _lzw.push_batch(cores, flat)
+        except TypeError:  # something unusual: check everything and explain
+            flat = DecoderState._checked_codes(states, codes)
+            out = _lzw.push_batch([s._core for s in states], flat)
         if type(out) is int and out < 0:
             raise InputTypeError(f"states[{-1 - out}] appears twice: each state takes one code per step")
         if type(out) is int:
@@ -668,6 +659,17 @@ class DecoderState:
             raise InvalidCodeError(f"codes[{out}] = {c} cannot be decoded by states[{out}]: "
                                    + _why_invalid(states[out], c))
         return out
+
+    @staticmethod
+    def _checked_codes(states: object, codes: object) -> np.ndarray:
+        """The slow path of :meth:`push_batch`: say exactly what is wrong with its arguments."""
+        if not isinstance(states, (list, tuple)) or not all(isinstance(s, DecoderState) for s in states):
+            raise InputTypeError("states must be a list or tuple of DecoderState objects, got "
+                                 + type(states).__name__)
+        flat = _as_int64(codes, "codes", CodeTypeError)
+        if len(flat) != len(states):
+            raise CodeTypeError(f"codes has {len(flat)} codes for {len(states)} states; give one code per state")
+        return flat
 
     def is_valid(self, code: int) -> bool:
         """Whether ``code`` (an int) may come next."""
