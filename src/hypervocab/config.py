@@ -36,7 +36,7 @@ class HyperConfig:
     Hyper-encoders (DESIGN.md section 3):
         encoder: ``"transformer"`` (pre-LN, learned positions over ``M``, residual from the first
             subtoken, zero-initialised output) or ``"mean"`` (parameter-free mean of the subtokens).
-        encoder_layers, encoder_heads, encoder_dim (latent width, ``None`` = min(model width, 256)),
+        encoder_layers, encoder_heads, encoder_dim (latent width, ``None`` = model width / 4, at most 256),
         encoder_ffn_mult: transformer sizes.
         tie_encoders: one encoder for both sides; the default (untied) has a second one for the output side.
     Model:

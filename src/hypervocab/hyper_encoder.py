@@ -70,7 +70,8 @@ class TransformerHyperEncoder(HyperEncoder):
     def __init__(self, model_dim: int, max_subtokens: int, *, dim: int | None = None, layers: int = 2,
                  heads: int = 4, ffn_mult: int = 4) -> None:
         super().__init__()
-        dim = dim or min(model_dim, 256)
+        # a quarter of the model width (at most 256) keeps the encoders a few percent of the forward
+        dim = dim or max(heads, min(model_dim // 4, 256))
         if dim % heads:
             heads = math.gcd(dim, heads)
         self.in_proj = nn.Linear(model_dim, dim)

@@ -127,13 +127,18 @@ class HyperModel(nn.Module):
 
     # ------------------------------------------------------------------ hypertoken tables
 
+    def encode_inputs(self, phrases: torch.Tensor) -> torch.Tensor:
+        """Input vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> [N, D]."""
+        # through the base embedding module, so models that scale embeddings (Gemma) get the same scale
+        return self.input_encoder(self.embedding.base(phrases.clamp(min=0)), phrases >= 0)
+
+    def encode_outputs(self, phrases: torch.Tensor) -> torch.Tensor:
+        """Output (unembedding) vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> [N, D]."""
+        return self.output_encoder(F.embedding(phrases.clamp(min=0), self.head.base.weight), phrases >= 0)
+
     def encode_entries(self, phrases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and output vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> two [N, D]."""
-        mask = phrases >= 0
-        ids = phrases.clamp(min=0)
-        vin = self.embedding.base(ids)  # through the base module: Gemma's scaling included
-        vout = F.embedding(ids, self.head.base.weight)
-        return self.input_encoder(vin, mask), self.output_encoder(vout, mask)
+        return self.encode_inputs(phrases), self.encode_outputs(phrases)
 
     def _tables(self, cb: CodebookBatch, B: int, width: int, device: torch.device,
                 old: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +164,10 @@ class HyperModel(nn.Module):
             return None, None
         B, T, _ = cb.candidates.shape
         D = self.head.base.weight.shape[1]
-        _, vout = self.encode_entries(torch.as_tensor(cb.candidates[ok], device=device))
+        # only the output side scores a candidate, and many positions share one: encode each phrase once
+        unique, inverse = np.unique(cb.candidates[ok], axis=0, return_inverse=True)
+        vout = self.encode_outputs(torch.as_tensor(unique, device=device))
+        vout = vout[torch.as_tensor(inverse.reshape(-1), device=device)]
         cand = torch.zeros(B, T, D, device=device, dtype=vout.dtype)
         cand[torch.as_tensor(ok, device=device)] = vout
         return cand, torch.as_tensor(ok, device=device)
