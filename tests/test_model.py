@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hypervocab import HyperConfig, HyperModel, HyperTokenizer
-from hypervocab.errors import ConfigError, InvalidCodeError
+from hypervocab.errors import ConfigError, InputTypeError, InvalidCodeError
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,6 +111,10 @@ def test_left_padding_gives_the_same_logits_as_each_sequence_alone(arch, smollm2
     batch = htok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         together = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # codebooks made ahead of time by the data pipeline give the same logits
+        ahead = htok(texts, return_tensors="pt", padding=True, return_codebooks=True)["codebooks"]
+        assert torch.equal(model(batch["input_ids"], attention_mask=batch["attention_mask"], codebooks=ahead).logits,
+                           together)
         for i, text in enumerate(texts):
             alone = htok(text, return_tensors="pt")
             single = model(alone["input_ids"]).logits[0]
@@ -178,6 +182,13 @@ def test_bad_input_gives_clear_errors(smollm2_tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="holds no hypervocab_config.json: not a hypervocab checkpoint"):
         HyperModel.from_pretrained(tmp_path / "nowhere")
     assert other.max_codebook_size == 64
+    with pytest.raises(InputTypeError, match=re.escape("labels must be a tensor shaped like input_ids (1, 2), got (1, 3)")):
+        model(torch.tensor([[5, 6]]), labels=torch.tensor([[5, 6, 7]]))
+    htok = HyperTokenizer.from_base(smollm2_tokenizer, model.config)
+    with pytest.raises(InputTypeError, match=re.escape("text must be a str or a list of str, got int")):
+        htok(["fine", 3])
+    with pytest.raises(InputTypeError, match=re.escape("input_ids must be a [batch, length] integer torch.Tensor, got list")):
+        model([[5, 6]])
     with pytest.raises(ConfigError, match=re.escape("codebook_mask must be one of 'exact', 'none', got 'full'")):
         HyperConfig(codebook_mask="full")
 

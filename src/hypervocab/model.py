@@ -232,6 +232,10 @@ class HyperModel(nn.Module):
         """
         ids = self._check_ids(input_ids)
         B, T = ids.shape
+        if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (B, T)):
+            raise InputTypeError(f"labels must be a tensor shaped like input_ids {(B, T)}, got "
+                                 + (str(tuple(labels.shape)) if isinstance(labels, torch.Tensor)
+                                    else type(labels).__name__))
         device = input_ids.device
         cached = hyper_state is not None
         if past_key_values is not None and not cached:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ConfigError
+
 __all__ = ["position_ids"]
 
 
@@ -21,6 +23,8 @@ def position_ids(lengths: np.ndarray, mask: np.ndarray, mode: str, *, base_offse
         mode: ``"base"`` or ``"compressed"``.
         base_offset / code_offset: ``[B]`` base tokens / codes already seen (for cached steps).
     """
+    if mode not in ("base", "compressed"):
+        raise ConfigError(f"position mode must be 'base' or 'compressed', got {mode!r}")
     mask = np.asarray(mask).astype(np.int64)
     step = np.asarray(lengths, dtype=np.int64) * mask if mode == "base" else mask
     offset = base_offset if mode == "base" else code_offset

@@ -93,8 +93,13 @@ class HyperTokenizer:
 
         if return_tensors not in (None, "pt", "np"):
             raise ConfigError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        from .errors import InputTypeError
+
         single = isinstance(text, str)
-        texts = [text] if single else list(text)
+        texts = [text] if single else list(text) if isinstance(text, (list, tuple)) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            bad = type(text).__name__ if texts is None else type(next(t for t in texts if not isinstance(t, str))).__name__
+            raise InputTypeError(f"text must be a str or a list of str, got {bad}")
         base = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         if return_tensors is not None and not padding and len({len(b) for b in base}) > 1:
             padding = True  # tensors need one length
