@@ -168,6 +168,13 @@ def test_bad_input_gives_clear_errors(smollm2_tokenizer, tmp_path):
         model(torch.tensor([[5, V + 64]]))
     with pytest.raises(InvalidCodeError, match=re.escape("codes[0][1] = 49153 cannot be decoded")):
         model(torch.tensor([[5, V + 1]]))  # a hypertoken that was never defined
+    # a cached step with a bad code in one row leaves every row's state as it was
+    out = model(torch.tensor([[5, 6, 5], [7, 8, 7]]), use_cache=True)
+    before = [d.copy() for d in out.hyper_state.decoders]
+    for bad in (torch.tensor([[6], [V + 9]]), torch.tensor([[6, 5], [8, V + 9]])):
+        with pytest.raises(InvalidCodeError, match=re.escape("input_ids[1][") ):
+            model(bad, past_key_values=out.past_key_values, hyper_state=out.hyper_state, use_cache=True)
+        assert out.hyper_state.decoders == before
     small = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=1000, hidden_size=16,
                                                                    intermediate_size=32, num_hidden_layers=1,
                                                                    num_attention_heads=2))

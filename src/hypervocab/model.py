@@ -180,13 +180,22 @@ class HyperModel(nn.Module):
         pending = np.full((B, T, M), -1, np.int64)
         lengths = np.ones((B, T), np.int64)
         phrases, rows, slots = [], [], []
+        # all or nothing: a bad code in one row must leave every row's state as it was
+        if T == 1:  # the generation step: each code's validity is known up front
+            for b, dec in enumerate(state.decoders):
+                if mask[b, 0] and not dec.is_valid(int(codes[b, 0])):
+                    self._raise_invalid(dec.copy(), codes[b], b, 0)
+            snapshots = None
+        else:
+            snapshots = [dec.copy() for dec in state.decoders]
         for b, dec in enumerate(state.decoders):
             for t in range(T):
                 if mask[b, t]:
                     try:
                         step = dec.push(int(codes[b, t]))
-                    except InvalidCodeError as e:
-                        raise InvalidCodeError(f"input_ids[{b}][{t}]: {str(e).split(': ', 1)[1]}") from None
+                    except InvalidCodeError:
+                        state.decoders[:] = snapshots
+                        self._raise_invalid(snapshots[b].copy(), codes[b], b, t, mask[b])
                     lengths[b, t] = len(step.ids)
                     for e in step.installed:
                         phrases.append(list(e.phrase) + [-1] * (M - len(e.phrase)))
@@ -198,6 +207,15 @@ class HyperModel(nn.Module):
         counts = np.array([len(d) for d in state.decoders], np.int64)
         return CodebookBatch(np.array(phrases, np.int64).reshape(-1, M), np.array(rows, np.int64),
                              np.array(slots, np.int64), counts, n_after, next_candidates(pending, n_after, C), lengths)
+
+    @staticmethod
+    def _raise_invalid(state: DecoderState, row: np.ndarray, b: int, t: int, mask: np.ndarray | None = None) -> None:
+        """Raise the codec's explanation for ``row[t]``, read from ``state`` (a scratch copy) and named by position."""
+        kept = [int(c) for c, m in zip(row[:t], mask[:t] if mask is not None else [1] * t) if m]
+        try:
+            state.push(kept + [int(row[t])])
+        except InvalidCodeError as e:
+            raise InvalidCodeError(f"input_ids[{b}][{t}]: {str(e).split(': ', 1)[1]}") from None
 
     # ------------------------------------------------------------------ forward
 
