@@ -350,6 +350,43 @@ class HyperModel(nn.Module):
                                             reduction="sum")
         return total / (target != -100).sum().clamp(min=1)
 
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **options: Any) -> Any:
+        """Generate codes with a live vocabulary (each sequence's codebook grows as it writes).
+
+        Args:
+            input_ids: ``[B, T]`` codes from :class:`~hypervocab.HyperTokenizer` (left padding), or, with
+                ``past=``, the codes of the next turn (:meth:`HyperTokenizer.encode_continuation`).
+            attention_mask: ``[B, T]``, 0 marks padding.
+
+        Keyword Args:
+            past: a previous :class:`~hypervocab.generation.GenerationOutput` (or its ``state``): continue
+                those sequences without reading them again.
+            max_new_tokens: codes to emit at most (decoding steps; default 20).
+            max_new_base_tokens: base tokens to produce at most; a hypertoken longer than what is left is
+                never chosen, so the budget is exact.
+            do_sample, temperature, top_k, top_p, repetition_penalty: as in Hugging Face ``generate``
+                (the penalty applies to codes already read or written).
+            seed / generator: make sampling reproducible (one or the other).
+            eos_token_id: base id(s) that end a sequence (default: the base model's); ``[]`` for none.
+            stop_strings, tokenizer: end a sequence once its new text contains one of the strings.
+            streamer: an object with ``put(ids)`` and ``end()`` (e.g. ``transformers.TextStreamer``), given the
+                prompt's base ids, then each code's base ids; batch size 1 only.
+            allow_hypertokens: ``False`` emits base ids only (the prompt may still hold hypertokens).
+            return_dict_in_generate: return a :class:`~hypervocab.generation.GenerationOutput` (codes, base
+                ids, per-sequence stats and the state to continue from) instead of a tensor.
+            output_codebooks: also return each sequence's final codebook (implies the dict).
+
+        Returns:
+            ``[B, T + n]`` codes (the input, then the new codes padded on the right with the pad id), or a
+            :class:`~hypervocab.generation.GenerationOutput`.
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **options)
+
     # ------------------------------------------------------------------ save / load
 
     def save_pretrained(self, directory: str | Path) -> None:
