@@ -127,6 +127,47 @@ class HyperTokenizer:
                 out = {k: v[0] for k, v in out.items()}
         return out
 
+    def encode_continuation(self, text: str | list[str], past: Any, *, return_tensors: str | None = "pt",
+                            add_special_tokens: bool = False) -> dict[str, Any]:
+        """Compress the next turn of sequences that :meth:`HyperModel.generate` left in ``past``.
+
+        The new text reuses the hypertokens each sequence has so far (greedy longest match over its
+        codebook), so ``model.generate(**batch, past=past)`` continues without reading anything twice.
+        Returns ``input_ids`` and ``attention_mask``, ``[B, T]`` with left padding (lists without
+        ``return_tensors``).
+        """
+        import numpy as np
+
+        from .errors import ConfigError, InputTypeError
+        from .generation import encode_continuation
+
+        if return_tensors not in (None, "pt", "np"):
+            raise ConfigError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise InputTypeError(f"text must be a str or a list of str, got {type(text).__name__}")
+        decoders = getattr(getattr(past, "state", past), "decoders", None)
+        if decoders is None:
+            raise InputTypeError(f"past must be a GenerationOutput or GenerationState, got {type(past).__name__}")
+        if len(texts) != len(decoders):
+            raise InputTypeError(f"{len(texts)} texts for {len(decoders)} sequences in past: give one per sequence")
+        base = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        codes = [encode_continuation(self.codec, ids, dec) for ids, dec in zip(base, decoders)]
+        if return_tensors is None:
+            return {"input_ids": codes, "attention_mask": [[1] * len(c) for c in codes]}
+        width = max(len(c) for c in codes)
+        pad = self.config.pad_id or 0
+        ids = np.full((len(codes), width), pad, np.int64)
+        mask = np.zeros((len(codes), width), np.int64)
+        for b, c in enumerate(codes):
+            if c:
+                ids[b, width - len(c):], mask[b, width - len(c):] = c, 1
+        if return_tensors == "pt":
+            import torch
+
+            return {"input_ids": torch.as_tensor(ids), "attention_mask": torch.as_tensor(mask)}
+        return {"input_ids": ids, "attention_mask": mask}
+
     def decode(self, codes: Any, *, skip_special_tokens: bool = False, errors: str = "strict") -> str:
         """Codes (list, array or tensor, 1-D) back to text."""
         return self.tokenizer.decode(self.codec.decode(codes, errors=errors).tolist(),

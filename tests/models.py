@@ -1,0 +1,40 @@
+"""Tiny random models of several architectures over the real SmolLM2 vocabulary, for the model tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from hypervocab import HyperConfig, HyperModel
+
+V = 49152  # the SmolLM2 tokenizer
+
+
+def tiny(arch: str):
+    """A tiny random model of ``arch`` over the real tokenizer's vocabulary."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048)
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True))
+    if arch == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4,
+                                                                    n_positions=2048))
+    if arch == "phi3":
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=0))
+    if arch == "gemma3":
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, head_dim=8))
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen2", "gpt2", "phi3", "gemma3"]
+
+
+def make(arch: str, tok, **kw) -> HyperModel:
+    model = HyperModel.from_base(tiny(arch).eval(), tok, HyperConfig(**{"max_codebook_size": 64, "max_subtokens": 4, **kw}))
+    with torch.no_grad():  # random encoders, so that hypertokens differ from their first subtoken
+        for p in list(model.input_encoder.parameters()) + list(model.output_encoder.parameters()):
+            p.normal_(0, 0.05)
+    return model.eval()

@@ -1,0 +1,262 @@
+"""Generation with a live vocabulary: exactness against the base model and the full forward, validity, batching."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from hypervocab import HyperConfig, HyperModel, HyperTokenizer
+from hypervocab.errors import ConfigError, InputTypeError, InvalidCodeError
+from hypervocab.generation import IncrementalDetokenizer
+
+transformers = pytest.importorskip("transformers")
+
+from .models import V, make, tiny  # noqa: E402
+
+PROMPTS = ["def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+           "import os\nimport sys\n\n",
+           "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+           "        self.items.append(item)\n\n    def pop(self):\n"]
+
+
+@pytest.fixture(scope="module")
+def htok(smollm2_tokenizer):
+    return HyperTokenizer.from_base(smollm2_tokenizer, HyperConfig(max_codebook_size=64, max_subtokens=4))
+
+
+def eager(model: HyperModel) -> HyperModel:
+    """Make a random model's hypertokens score high often, so that sampling picks them often."""
+    with torch.no_grad():
+        model.output_encoder.out_proj.weight.mul_(3000)
+    return model
+
+
+class Recorder:
+    """A streamer in the shape of transformers' TextStreamer: records what it is given."""
+
+    def __init__(self) -> None:
+        self.puts: list[list[int]] = []
+        self.ended = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended += 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_greedy_without_hypertokens_equals_the_base_model(arch, smollm2_tokenizer):
+    base = smollm2_tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    reference = tiny(arch).eval()
+    model = make(arch, smollm2_tokenizer)
+    want = reference.generate(**base, max_new_tokens=15, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    got = model.generate(base["input_ids"], base["attention_mask"], max_new_tokens=15, allow_hypertokens=False,
+                         eos_token_id=[])
+    assert torch.equal(got, want)
+
+
+def test_greedy_codes_are_the_argmax_of_the_full_forward(smollm2_tokenizer, htok):
+    """KV-cached generation with a growing codebook == reading the whole result at once."""
+    model = make("llama", smollm2_tokenizer)
+    enc = htok(PROMPTS, return_tensors="pt", padding=True)
+    out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=25, eos_token_id=[],
+                         return_dict_in_generate=True)
+    T = enc["input_ids"].shape[1]
+    assert sum(s.hypertokens for s in out.stats) > 0, "the random encoders should make some hypertokens win"
+    mask = torch.cat([enc["attention_mask"], torch.ones(len(PROMPTS), 25, dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = model(out.sequences, mask).logits
+    assert torch.equal(logits[:, T - 1: -1].argmax(-1), out.sequences[:, T:])
+
+
+def test_decoded_codes_are_the_base_tokens_they_stand_for_when_sampling(smollm2_tokenizer, htok):
+    model = eager(make("llama", smollm2_tokenizer))
+    enc = htok(PROMPTS, return_tensors="pt", padding=True)
+    out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=40, do_sample=True,
+                         temperature=1.5, top_k=200, seed=3, eos_token_id=[], return_dict_in_generate=True)
+    codec = model.codec
+    for b, prompt in enumerate(PROMPTS):
+        prompt_codes = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist()
+        full = codec.decode(prompt_codes + out.new_codes[b]).tolist()
+        prompt_base = smollm2_tokenizer(prompt)["input_ids"]
+        assert full == prompt_base + out.new_base_ids[b]
+        st = out.stats[b]
+        assert (st.codes, st.base_tokens, st.prompt_base_tokens) == (40, len(out.new_base_ids[b]), len(prompt_base))
+        assert st.hypertokens == sum(c >= V for c in out.new_codes[b]) > 0
+        text = smollm2_tokenizer.decode(out.new_base_ids[b])
+        assert htok.decode(prompt_codes + out.new_codes[b]) == smollm2_tokenizer.decode(prompt_base) + text
+
+
+def test_no_invalid_code_ever_reaches_the_decoder_at_temperature_5(smollm2_tokenizer):
+    """Random weights, hot sampling, a tiny codebook that fills up: every code must decode strictly."""
+    model = eager(make("qwen2", smollm2_tokenizer, max_codebook_size=12, max_subtokens=3))
+    htok = HyperTokenizer.from_base(smollm2_tokenizer, model.config)
+    enc = htok(PROMPTS[:2], return_tensors="pt", padding=True)
+    hyper = kwkwk = 0
+    for seed in range(25):
+        out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=30, do_sample=True,
+                             temperature=5.0, top_p=0.999 if seed % 2 else None, seed=seed, eos_token_id=[],
+                             return_dict_in_generate=True, output_codebooks=True)
+        for b in range(2):
+            codes = enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist() + out.new_codes[b]
+            decoded = model.codec.decode(codes, errors="strict")  # raises on any invalid code
+            assert len(decoded) == out.stats[b].prompt_base_tokens + out.stats[b].base_tokens
+            assert out.codebooks[b] == model.codec.decode(codes, return_codebook=True)[1]
+            state = model.codec.decoder_state()
+            for c in codes:
+                kwkwk += c == state.next_id  # the one id that is defined by its own use
+                state.push(c)
+            hyper += sum(c >= V for c in out.new_codes[b])
+    assert hyper > 100 and kwkwk > 0
+
+
+def test_a_batch_gives_the_same_greedy_codes_as_each_prompt_alone(smollm2_tokenizer, htok):
+    model = make("phi3", smollm2_tokenizer)
+    enc = htok(PROMPTS, return_tensors="pt", padding=True)
+    batch = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=20, eos_token_id=[],
+                           return_dict_in_generate=True)
+    for b, prompt in enumerate(PROMPTS):
+        alone = model.generate(htok(prompt, return_tensors="pt")["input_ids"], max_new_tokens=20, eos_token_id=[],
+                               return_dict_in_generate=True)
+        assert alone.new_codes[0] == batch.new_codes[b]
+
+
+def test_a_seed_gives_the_same_sample_twice(smollm2_tokenizer, htok):
+    model = make("llama", smollm2_tokenizer)
+    ids = htok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    kw = dict(max_new_tokens=20, do_sample=True, temperature=2.0, eos_token_id=[])
+    a, b = model.generate(ids, seed=7, **kw), model.generate(ids, seed=7, **kw)
+    c = model.generate(ids, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sequences_that_finish_early_and_continue_equal_reading_everything_at_once(smollm2_tokenizer, htok):
+    """Multi-turn: continuing from past (KV cache + codebooks) == generating from the whole history."""
+    model = make("llama", smollm2_tokenizer)
+    enc = htok(PROMPTS[:2], return_tensors="pt", padding=True)
+    probe = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=8, eos_token_id=[],
+                           return_dict_in_generate=True)
+    # a base code that row 0 writes at step k + 1 and row 1 never: row 0 stops early, row 1 goes on
+    k, eos = next((i, c) for i, c in enumerate(probe.new_codes[0][:7]) if c < V and c not in probe.new_codes[1]
+                  and c not in probe.new_codes[0][:i])
+    first = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=8, eos_token_id=eos,
+                           return_dict_in_generate=True)
+    assert [s.finish_reason for s in first.stats] == ["eos", "length"]
+    assert [len(c) for c in first.new_codes] == [k + 1, 8]
+    turn = htok.encode_continuation(["\nprint(fibonacci(10))\n", "\nimport re\n"], first)
+    second = model.generate(**turn, past=first, max_new_tokens=10, eos_token_id=[], return_dict_in_generate=True)
+    for b in range(2):
+        history = (enc["input_ids"][b][enc["attention_mask"][b].bool()].tolist() + first.new_codes[b]
+                   + turn["input_ids"][b][turn["attention_mask"][b].bool()].tolist())
+        fresh = model.generate(torch.tensor([history]), max_new_tokens=10, eos_token_id=[],
+                               return_dict_in_generate=True)
+        assert second.new_codes[b] == fresh.new_codes[0]
+        assert second.stats[b].prompt_codes == len(turn["input_ids"][b][turn["attention_mask"][b].bool()])
+    # the continuation reused the conversation's hypertokens
+    assert any(c >= V for c in turn["input_ids"].reshape(-1).tolist())
+    with pytest.raises(InputTypeError, match="already continued once"):
+        model.generate(**turn, past=first)
+
+
+def test_base_token_budget_is_exact_and_stop_strings_stop(smollm2_tokenizer, htok):
+    model = eager(make("llama", smollm2_tokenizer))
+    enc = htok(PROMPTS, return_tensors="pt", padding=True)
+    out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=100, max_new_base_tokens=17,
+                         do_sample=True, temperature=3.0, seed=0, eos_token_id=[], return_dict_in_generate=True)
+    assert [s.base_tokens for s in out.stats] == [17, 17, 17]
+    assert {s.finish_reason for s in out.stats} == {"base_budget"}
+    free = model.generate(enc["input_ids"][:1], enc["attention_mask"][:1], max_new_tokens=30, eos_token_id=[],
+                          return_dict_in_generate=True)
+    text = smollm2_tokenizer.decode(free.new_base_ids[0])
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    out = model.generate(enc["input_ids"][:1], enc["attention_mask"][:1], max_new_tokens=30, eos_token_id=[],
+                         stop_strings=[stop], tokenizer=smollm2_tokenizer, return_dict_in_generate=True)
+    got = smollm2_tokenizer.decode(out.new_base_ids[0])
+    assert out.stats[0].finish_reason == "stop_string" and stop in got and text.startswith(got)
+    prompt = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
+    last = len(model.codec.decode(prompt + out.new_codes[0])) - len(model.codec.decode(prompt + out.new_codes[0][:-1]))
+    assert stop not in smollm2_tokenizer.decode(out.new_base_ids[0][:-last])  # it stopped at the first chance
+
+
+def test_streamer_gets_the_prompt_then_each_codes_base_tokens(smollm2_tokenizer, htok):
+    model = make("llama", smollm2_tokenizer)
+    ids = htok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    rec = Recorder()
+    out = model.generate(ids, max_new_tokens=12, streamer=rec, eos_token_id=[], return_dict_in_generate=True)
+    assert rec.puts[0] == smollm2_tokenizer(PROMPTS[0])["input_ids"] and rec.ended == 1
+    assert rec.puts[1:] == [list(model.codec.decode(ids[0].tolist() + out.new_codes[0][: i + 1]))[
+        len(model.codec.decode(ids[0].tolist() + out.new_codes[0][:i])):] for i in range(12)]
+    streamer = transformers.TextStreamer(smollm2_tokenizer, skip_prompt=True)
+    model.generate(ids, max_new_tokens=5, streamer=streamer)  # the Hugging Face streamer works as is
+
+
+@pytest.mark.parametrize("text", ["naïve café — 東京タワー 🎉🚀 done", "def f(x):\n    return x ** 2  # ✓\n"])
+def test_incremental_detokenizer_emits_only_final_text(smollm2_tokenizer, text):
+    ids = smollm2_tokenizer(text)["input_ids"]
+    for chunk in (1, 3):
+        detok = IncrementalDetokenizer(smollm2_tokenizer)
+        pieces = [detok.push(ids[i: i + chunk]) for i in range(0, len(ids), chunk)]
+        pieces.append(detok.flush())
+        assert "".join(pieces) == text == detok.text
+        assert not any("\ufffd" in p for p in pieces)
+
+
+def test_bad_generation_options_give_clear_errors(smollm2_tokenizer, htok):
+    model = make("llama", smollm2_tokenizer)
+    ids = htok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    cases = [
+        (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0, got -1"),
+        (dict(max_new_base_tokens=0), "max_new_base_tokens must be an int >= 1 or None, got 0"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
+        (dict(top_p=1.5), "top_p must be a number in (0, 1] or None, got 1.5"),
+        (dict(top_k=-2), "top_k must be an int >= 0 or None, got -2"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number > 0, got nan"),
+        (dict(eos_token_id=V + 3), f"eos_token_id must be a base id in [0, {V}) or a list of them, got {V + 3}"),
+        (dict(stop_strings="\n"), "stop_strings needs tokenizer= (a Hugging Face tokenizer) to read the text"),
+        (dict(stop_strings=[""], tokenizer=smollm2_tokenizer),
+         "stop_strings must be a non-empty str or a list of them, got ['']"),
+        (dict(streamer=object()), "streamer must have put() and end() methods, got object"),
+        (dict(seed=1, generator=torch.Generator()), "give seed= or generator=, not both"),
+        (dict(do_sample="yes"), "do_sample must be True or False, got 'yes'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            model.generate(ids, **kwargs)
+    with pytest.raises(ConfigError, match="a streamer shows one sequence: input_ids has 2 rows"):
+        model.generate(ids.repeat(2, 1), streamer=Recorder())
+    with pytest.raises(InputTypeError, match="past must be a GenerationOutput or GenerationState, got dict"):
+        model.generate(ids, past={})
+    with pytest.raises(InputTypeError, match=r"row 1 of attention_mask is all 0"):
+        model.generate(ids.repeat(2, 1), torch.tensor([[1] * ids.shape[1], [0] * ids.shape[1]]))
+    bad = ids.clone()
+    bad[0, 1] = V + 60  # a hypertoken id that is not defined there
+    with pytest.raises(InvalidCodeError, match=re.escape(
+            f"input_ids[0][1]: hypertoken {V + 60} is not defined yet: no entry exists at this point "
+            f"(the first will be {V}); valid codes here are [0, {V + 1})")):
+        model.generate(bad)
+
+
+def test_real_smollm2_greedy_equals_the_base_model_and_hypertokens_flow():
+    from assets import smollm2_model_dir
+
+    path = smollm2_model_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = HyperModel.from_base(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), tok,
+                                 HyperConfig(max_codebook_size=256)).eval()
+    base = tok(PROMPTS[:2], return_tensors="pt", padding=True, padding_side="left")
+    want = reference.generate(**base, max_new_tokens=8, do_sample=False)
+    got = model.generate(base["input_ids"], base["attention_mask"], max_new_tokens=8, allow_hypertokens=False)
+    assert torch.equal(got, want)
+    htok = HyperTokenizer.from_base(tok, model.config)
+    enc = htok(PROMPTS[2], return_tensors="pt")
+    out = model.generate(**{k: enc[k] for k in ("input_ids", "attention_mask")}, max_new_tokens=8,
+                         return_dict_in_generate=True)
+    assert out.stats[0].prompt_codes < out.stats[0].prompt_base_tokens
+    assert np.array_equal(model.codec.decode(enc["input_ids"][0].tolist() + out.new_codes[0]),
+                          tok(PROMPTS[2])["input_ids"] + out.new_base_ids[0])
