@@ -260,3 +260,45 @@ def test_real_smollm2_greedy_equals_the_base_model_and_hypertokens_flow():
     assert out.stats[0].prompt_codes < out.stats[0].prompt_base_tokens
     assert np.array_equal(model.codec.decode(enc["input_ids"][0].tolist() + out.new_codes[0]),
                           tok(PROMPTS[2])["input_ids"] + out.new_base_ids[0])
+
+
+def test_teacher_forcing_through_generate_equals_the_full_forward(smollm2_tokenizer, htok):
+    """Reading a text one code per call (max_new_tokens=0) gives the logits of the whole-text forward."""
+    model = make("gemma3", smollm2_tokenizer)
+    codes = htok(PROMPTS[2], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(codes).logits[0]
+    out = model.generate(codes[:, :5], max_new_tokens=0, output_logits=True)
+    got = [out.logits[0][0]]
+    for t in range(5, codes.shape[1]):
+        out = model.generate(codes[:, t: t + 1], past=out, max_new_tokens=0, output_logits=True)
+        got.append(out.logits[0][0])
+    got = torch.stack(got)
+    assert torch.equal(torch.isinf(got), torch.isinf(want[4:]))
+    torch.testing.assert_close(got, want[4:], rtol=1e-4, atol=1e-5)
+    assert out.sequences.shape == (1, 1) and out.new_codes == [[]]
+
+
+def test_cli_generate_streams_the_greedy_text_and_a_stats_line(smollm2_tokenizer, htok, tmp_path, capsys):
+    from hypervocab.cli.main import main
+
+    base_dir, ckpt = tmp_path / "base", tmp_path / "hv"
+    tiny("llama").save_pretrained(base_dir)
+    smollm2_tokenizer.save_pretrained(base_dir)
+    model = make("llama", smollm2_tokenizer)
+    model.config.base_model_name_or_path = str(base_dir)
+    model.save_pretrained(ckpt)
+    want = model.generate(htok(PROMPTS[0], return_tensors="pt")["input_ids"], max_new_tokens=12,
+                          return_dict_in_generate=True)
+    assert main(["generate", "--model", str(ckpt), PROMPTS[0], "--max-new-tokens", "12", "--no-color"]) == 0
+    out, err = capsys.readouterr()
+    assert out == smollm2_tokenizer.decode(want.new_base_ids[0], skip_special_tokens=True) + "\n"
+    st = want.stats[0]
+    assert re.search(rf"prompt {st.prompt_base_tokens} tokens in {st.prompt_codes} codes .* output {st.base_tokens} "
+                     rf"tokens in {st.codes} codes, {st.hypertokens} hypertokens .* stop: {st.finish_reason}", err)
+    assert main(["generate", "--model", str(ckpt), PROMPTS[0], "--max-new-tokens", "12", "--color"]) == 0
+    coloured = capsys.readouterr().out
+    assert ("\x1b[36m" in coloured) == (st.hypertokens > 0)
+    assert re.sub(r"\x1b\[\d+m", "", coloured) == out
+    assert main(["generate", "--model", str(ckpt), "x", "--temperature", "-1", "--top-p", "2"]) == 2
+    assert "top_p must be a number in (0, 1] or None, got 2.0" in capsys.readouterr().err

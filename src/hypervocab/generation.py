@@ -2,10 +2,13 @@
 
 Every sequence of a batch carries its own LZW decoder state.  A code is pushed
 into that decoder the moment it is chosen (so an invalid code can never get
-further); the entries it installs get their input and output vectors computed
-once, batched across the sequences, and written into preallocated per-sequence
-tables.  Rows of a table not installed yet score ``-inf``, so they cannot be
-sampled.  The model only sees a code on the next step, through its KV cache;
+further).  Each entry's vectors are computed once, batched across the
+sequences, and cached in preallocated per-sequence tables: the output vector
+when the entry is installed (every installed id is scored at every step; the one
+new id that may legally come next is scored too, and its vector is kept for when
+it is installed), the input vector the first time the entry is read (most
+entries never are).  Rows of a table not installed yet score ``-inf``, so they
+cannot be sampled.  The model only sees a code on the next step, through its KV cache;
 after the last step the final codes are chosen but not yet read, which is what
 lets a later call continue exactly where this one stopped.
 """
@@ -28,8 +31,15 @@ from .errors import ConfigError, InputTypeError, InvalidCodeError
 if TYPE_CHECKING:
     from .model import HyperModel
 
-__all__ = ["GenerationOutput", "GenerationState", "IncrementalDetokenizer", "SequenceStats", "generate",
-           "encode_continuation"]
+__all__ = [
+    "GenerationOutput",
+    "GenerationState",
+    "HyperTextStreamer",
+    "IncrementalDetokenizer",
+    "SequenceStats",
+    "encode_continuation",
+    "generate",
+]
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -66,6 +76,9 @@ class GenerationOutput:
     new_codes / new_base_ids: per sequence, the codes emitted and the base tokens they stand for.
     stats: per sequence, a :class:`SequenceStats`.
     codebooks: per sequence, the final :class:`~hypervocab.Codebook` (with ``output_codebooks=True``).
+    logits: with ``output_logits=True``, one ``[B, V + C]`` float tensor per decoding step: the raw
+        scores each code was chosen from (after reading the input first), ``-inf`` rows for sequences
+        already finished.  With ``max_new_tokens=0`` it holds only the scores after reading the input.
     state: pass it as ``past=`` to a later call to continue every sequence without re-reading it.
     """
 
@@ -75,6 +88,7 @@ class GenerationOutput:
     stats: list[SequenceStats]
     state: GenerationState
     codebooks: list[Codebook] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -105,6 +119,8 @@ class _Rows:
     cache: Any
     unread: list[list[int]]
     seen: torch.Tensor | None = None
+    in_ready: np.ndarray | None = None  # [B, capacity] bool: input vector computed (on first read)
+    cand_phrase: list[tuple[int, ...] | None] | None = None  # each row's legal next phrase, scored by cand
 
     def take(self, keep: np.ndarray) -> _Rows:
         """The rows ``keep`` (positions in this batch), as a new batch; the cache is narrowed in place."""
@@ -115,7 +131,8 @@ class _Rows:
         return _Rows(self.index[keep], [self.decoders[i] for i in k], [self.books[i] for i in k],
                      self.in_table[idx], self.out_table[idx], self.lengths[idx], self.count[keep],
                      self.base_len[keep], self.code_len[keep], self.cand[idx], self.cand_ok[idx], self.mask[idx],
-                     self.cache, [self.unread[i] for i in k], None if self.seen is None else self.seen[idx])
+                     self.cache, [self.unread[i] for i in k], None if self.seen is None else self.seen[idx],
+                     self.in_ready[keep], [self.cand_phrase[i] for i in k])
 
 
 @dataclass
@@ -165,7 +182,7 @@ class _Session:
                      torch.zeros(B, cap, dtype=torch.long, device=dev), np.zeros(B, np.int64), np.zeros(B, np.int64),
                      np.zeros(B, np.int64), torch.zeros(B, self.D_out, device=dev, dtype=dt),
                      torch.zeros(B, dtype=torch.bool, device=dev), torch.zeros(B, 0, dtype=torch.long, device=dev),
-                     None, [[] for _ in range(B)])
+                     None, [[] for _ in range(B)], None, np.zeros((B, cap), bool), [None] * B)
 
     def _reserve(self, rows: _Rows, width: int) -> None:
         """Grow the tables to hold ``width`` entries (capacity doubles, so a step rarely copies)."""
@@ -181,6 +198,9 @@ class _Session:
             return out
 
         rows.in_table, rows.out_table, rows.lengths = grow(rows.in_table), grow(rows.out_table), grow(rows.lengths)
+        ready = np.zeros((B, new), bool)
+        ready[:, :cap] = rows.in_ready
+        rows.in_ready = ready
 
     # ---------------------------------------------------------------- pushing codes
 
@@ -219,11 +239,16 @@ class _Session:
         return lengths
 
     def _install(self, rows: _Rows, new: list[tuple[int, int, tuple[int, ...]]]) -> None:
-        """Vectors of the entries just installed and of the legal next id of every row, two encoder calls."""
+        """Output vectors of the entries just installed and of every row's legal next id: one encoder call.
+
+        Every installed row is scored at every step, so its output vector is computed now; an entry
+        that was last step's legal next id already has it.  Input vectors wait until an entry is
+        first read (:meth:`_read_vectors`): most entries are never read.
+        """
         M, C = self.M, self.C
         counts = [len(d) for d in rows.decoders]
         rows.count = np.array(counts, np.int64)
-        cands = []
+        cands: list[tuple[int, tuple[int, ...]]] = []
         for b, dec in enumerate(rows.decoders):
             p = dec.pending
             if 0 < len(p) < M and counts[b] < C:
@@ -231,32 +256,59 @@ class _Session:
         # room for every entry plus the slot of the legal next id, which the head scores
         self._reserve(rows, min(C, max(counts) + 1))
         dev = self.device
-        out_phrases = [p for _, _, p in new] + [p for _, p in cands]
-        # each distinct phrase once through the output encoder (a candidate is often the next entry)
+        reused = [(b, k) for b, k, p in new if p == rows.cand_phrase[b]]
+        fresh = [(b, k, p) for b, k, p in new if p != rows.cand_phrase[b]]
+        if reused:  # copy before the candidates are overwritten below
+            rb = torch.as_tensor([b for b, _ in reused], device=dev)
+            rows.out_table[rb, torch.as_tensor([k for _, k in reused], device=dev)] = rows.cand[rb]
+        out_phrases = [p for _, _, p in fresh] + [p for _, p in cands]
         uniq: dict[tuple[int, ...], int] = {}
         slot = [uniq.setdefault(p, len(uniq)) for p in out_phrases]
-        with torch.no_grad():
-            if uniq:
+        if uniq:
+            with torch.no_grad():
                 vout = self.model.encode_outputs(_pad(list(uniq), M, dev)).to(self.dtype)[
                     torch.as_tensor(slot, device=dev)]
-            if new:
-                vin = self.model.encode_inputs(_pad([p for _, _, p in new], M, dev)).to(self.dtype)
-                b_idx = torch.as_tensor([b for b, _, _ in new], device=dev)
-                k_idx = torch.as_tensor([k for _, k, _ in new], device=dev)
-                rows.in_table[b_idx, k_idx] = vin
-                rows.out_table[b_idx, k_idx] = vout[: len(new)]
-                rows.lengths[b_idx, k_idx] = torch.as_tensor([len(p) for _, _, p in new], device=dev)
+        if fresh:
+            rows.out_table[torch.as_tensor([b for b, _, _ in fresh], device=dev),
+                           torch.as_tensor([k for _, k, _ in fresh], device=dev)] = vout[: len(fresh)]
+        if new:
+            rows.lengths[torch.as_tensor([b for b, _, _ in new], device=dev),
+                         torch.as_tensor([k for _, k, _ in new], device=dev)] = torch.as_tensor(
+                             [len(p) for _, _, p in new], device=dev)
         rows.cand_ok = torch.zeros(len(counts), dtype=torch.bool, device=dev)
+        rows.cand_phrase = [None] * len(counts)
         if cands:
             c_idx = torch.as_tensor([b for b, _ in cands], device=dev)
-            rows.cand[c_idx] = vout[len(new):]
+            rows.cand[c_idx] = vout[len(fresh):]
             rows.cand_ok[c_idx] = True
+            for b, p in cands:
+                rows.cand_phrase[b] = p
+
+    def _read_vectors(self, rows: _Rows, codes: np.ndarray, mask: np.ndarray) -> None:
+        """Input vectors of the hypertokens about to be read for the first time, in one encoder call."""
+        V = self.V
+        hit = (codes >= V) & (mask == 1)
+        if not hit.any():
+            return
+        b_idx, t_idx = np.nonzero(hit)
+        k_idx = codes[b_idx, t_idx] - V
+        todo = ~rows.in_ready[b_idx, k_idx]
+        if not todo.any():
+            return
+        pairs = sorted(set(zip(b_idx[todo].tolist(), k_idx[todo].tolist())))
+        with torch.no_grad():
+            vin = self.model.encode_inputs(_pad([rows.books[b][k] for b, k in pairs], self.M, self.device))
+        dev = self.device
+        rows.in_table[torch.as_tensor([b for b, _ in pairs], device=dev),
+                      torch.as_tensor([k for _, k in pairs], device=dev)] = vin.to(self.dtype)
+        rows.in_ready[[b for b, _ in pairs], [k for _, k in pairs]] = True
 
     # ---------------------------------------------------------------- reading codes
 
     def forward(self, rows: _Rows, codes: torch.Tensor, mask: torch.Tensor, lengths: np.ndarray) -> torch.Tensor:
         """Read ``[B, T]`` codes (already pushed) through the model; returns the last position's logits ``[B, V + C]``."""
         mask_np = mask.cpu().numpy().astype(np.int64)
+        self._read_vectors(rows, codes.cpu().numpy(), mask_np)
         step = lengths * mask_np if self.position_mode == "base" else mask_np
         offset = rows.base_len if self.position_mode == "base" else rows.code_len
         pos = np.where(mask_np == 1, np.maximum(np.cumsum(step, 1) - 1 + offset[:, None], 0), 0)
@@ -387,6 +439,56 @@ class IncrementalDetokenizer:
         return self._emitted
 
 
+class HyperTextStreamer:
+    """A streamer for :meth:`HyperModel.generate` that prints text as soon as it is final.
+
+    Like ``transformers.TextStreamer``, with one addition: the text a hypertoken wrote (a code that
+    stands for several base tokens) can be coloured, so you see the adaptive vocabulary at work.
+
+    Args:
+        tokenizer: the base Hugging Face tokenizer.
+        file: where to write (default ``sys.stdout``); ``None`` only collects into :attr:`text`.
+        color: wrap hypertoken text in ANSI colours.
+        skip_prompt: do not print the prompt (the first ``put``).
+    """
+
+    def __init__(self, tokenizer: Any, *, file: Any = "stdout", color: bool = True, skip_prompt: bool = True,
+                 skip_special_tokens: bool = True) -> None:
+        import sys
+
+        self.file = sys.stdout if file == "stdout" else file
+        self.color, self.skip_prompt = color, skip_prompt
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self._prompt_seen = False
+        self.pieces: list[tuple[str, bool]] = []  # (text, written by a hypertoken)
+
+    def put(self, value: torch.Tensor | Sequence[int]) -> None:
+        ids = value.reshape(-1).tolist() if hasattr(value, "reshape") else [int(v) for v in value]
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            if self.skip_prompt:
+                return
+        self._write(self.detok.push(ids), len(ids) > 1)
+
+    def end(self) -> None:
+        self._write(self.detok.flush(), False)
+        if self.file is not None:
+            self.file.write("\n")
+            self.file.flush()
+
+    def _write(self, text: str, hyper: bool) -> None:
+        if not text:
+            return
+        self.pieces.append((text, hyper))
+        if self.file is not None:
+            self.file.write(f"\x1b[36m{text}\x1b[0m" if hyper and self.color else text)
+            self.file.flush()
+
+    @property
+    def text(self) -> str:
+        return "".join(t for t, _ in self.pieces)
+
+
 # ---------------------------------------------------------------------------------------------- checks
 
 
@@ -462,6 +564,7 @@ def generate(
     allow_hypertokens: bool = True,
     return_dict_in_generate: bool = False,
     output_codebooks: bool = False,
+    output_logits: bool = False,
 ) -> torch.Tensor | GenerationOutput:
     """See :meth:`HyperModel.generate`."""
     V, C = model.codec.base_vocab_size, model.codec.max_codebook_size
@@ -530,9 +633,12 @@ def generate(
         done_rows: list[_Rows] = []
         stop_len = max((len(s) for s in stops), default=0)
         eos_set = set(eos)
-        if max_new_tokens > 0 and feed.shape[1] > 0:
+        scores: list[torch.Tensor] = []
+        if feed.shape[1] > 0:
             logits = session.forward(rows, torch.as_tensor(feed, device=session.device),
                                      torch.as_tensor(feed_mask, device=session.device), lengths)
+            if output_logits:
+                scores.append(logits.float().clone())
         elif max_new_tokens > 0:  # continuing with nothing new to read: the last logits were not kept
             raise InputTypeError("nothing to read: give input_ids to continue from, or generate more codes in "
                                  "the previous call")
@@ -580,6 +686,10 @@ def generate(
                                      np.array([[len(rows.books[i][c - V]) if c >= V else 1]
                                                for i, c in enumerate(codes)], np.int64))
             rows.unread = [[] for _ in rows.index]
+            if output_logits:
+                full = logits.new_full((B, logits.shape[1]), float("-inf"), dtype=torch.float32)
+                full[torch.as_tensor(rows.index, device=logits.device)] = logits.float()
+                scores.append(full)
         if streamer is not None:
             streamer.end()
         if rows is not None and len(rows.index):
@@ -591,10 +701,11 @@ def generate(
     for b, c in enumerate(new_codes):
         tail[b, : len(c)] = torch.as_tensor(c, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids, tail], 1)
-    if not return_dict_in_generate and not output_codebooks:
+    if not (return_dict_in_generate or output_codebooks or output_logits):
         return sequences
     books = [d.codebook for d in state.rows.decoders] if output_codebooks else None
-    return GenerationOutput(sequences, new_codes, new_base, stats, state, books)
+    return GenerationOutput(sequences, new_codes, new_base, stats, state, books,
+                            tuple(scores) if output_logits else None)
 
 
 def _prepend_unread(rows: _Rows, ids: np.ndarray, mask: np.ndarray, lengths: list[list[int]],
@@ -677,9 +788,13 @@ def _merge(parts: list[_Rows], B: int, session: _Session) -> _Rows:
         o = torch.as_tensor(order)
         data.append((torch.cat(ks)[o], torch.cat(vs)[o]))
     seen = cat("seen") if all(p.seen is not None for p in parts) else None
+    ready = np.zeros((B, cap), bool)
+    for p in parts:
+        ready[p.index, : p.in_ready.shape[1]] = p.in_ready
     return _Rows(np.arange(B), lists("decoders"), lists("books"), cat("in_table", cap), cat("out_table", cap),
                  cat("lengths", cap), arrays("count"), arrays("base_len"), arrays("code_len"), cat("cand"),
-                 cat("cand_ok"), cat("mask", S), DynamicCache(data), lists("unread"), seen)
+                 cat("cand_ok"), cat("mask", S), DynamicCache(data), lists("unread"), seen, ready,
+                 lists("cand_phrase"))
 
 
 def encode_continuation(codec: Any, ids: Sequence[int], state: DecoderState) -> list[int]:

@@ -378,6 +378,9 @@ class HyperModel(nn.Module):
             return_dict_in_generate: return a :class:`~hypervocab.generation.GenerationOutput` (codes, base
                 ids, per-sequence stats and the state to continue from) instead of a tensor.
             output_codebooks: also return each sequence's final codebook (implies the dict).
+            output_logits: also return the raw scores of every step (implies the dict).  With
+                ``max_new_tokens=0`` a call only reads ``input_ids``: stepping a text through the model one
+                code at a time this way is teacher forcing with the KV cache.
 
         Returns:
             ``[B, T + n]`` codes (the input, then the new codes padded on the right with the pad id), or a

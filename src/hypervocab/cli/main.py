@@ -1,4 +1,8 @@
-"""``hypervocab`` command line: ``hypervocab compress PATH... --tokenizer NAME_OR_DIR``."""
+"""``hypervocab`` command line.
+
+* ``hypervocab compress PATH... --tokenizer NAME_OR_DIR``: how much text shrinks.
+* ``hypervocab generate --model PATH_OR_NAME "prompt"``: generate with hypertokens coloured.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,79 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(name_or_path: str, *, max_codebook_size: int = 2048, max_subtokens: int = 4,
+               dtype: str = "float32") -> tuple[object, object]:
+    """A :class:`HyperModel` and :class:`HyperTokenizer` from a hypervocab checkpoint or a plain causal LM.
+
+    A folder with ``hypervocab_config.json`` is a hypervocab checkpoint (its base model comes from the
+    name it records); anything else is loaded as a Hugging Face causal LM and wrapped with fresh
+    (untrained) hyper-encoders.
+    """
+    from pathlib import Path
+
+    from ..config import CONFIG_NAME, HyperConfig
+    from ..model import HyperModel
+    from ..tokenizer import HyperTokenizer, load_tokenizer
+
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    path = Path(name_or_path)
+    if (path / CONFIG_NAME).is_file():
+        model = HyperModel.from_pretrained(path, dtype=torch_dtype)
+        has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+        tok = load_tokenizer(str(path) if has_tokenizer else model.config.base_model_name_or_path)
+        return model.eval(), HyperTokenizer(tok, model.config)
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(name_or_path)
+    base = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    print(f"note: {name_or_path} is not a hypervocab checkpoint: its hyper-encoders start untrained, so it "
+          "will rarely write hypertokens", file=sys.stderr)
+    model = HyperModel.from_base(base, tok, HyperConfig(max_codebook_size=max_codebook_size,
+                                                        max_subtokens=max_subtokens))
+    return model.eval(), HyperTokenizer(tok, model.config)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from ..generation import HyperTextStreamer
+
+    model, htok = load_model(args.model, max_codebook_size=args.max_codebook_size, max_subtokens=args.max_subtokens,
+                             dtype=args.dtype)
+    tok = htok.tokenizer
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    special = True
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"--chat: the tokenizer of {args.model!r} has no chat template")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+        special = False  # the template already holds them
+    enc = htok(prompt, return_tensors="pt", add_special_tokens=special)
+    color = not args.no_color and sys.stdout.isatty() or args.color
+    streamer = HyperTextStreamer(tok, color=color)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                             max_new_base_tokens=args.max_new_base_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k,
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                             stop_strings=args.stop or None, tokenizer=tok, streamer=streamer,
+                             return_dict_in_generate=True)
+    dt = time.perf_counter() - t0
+    st = out.stats[0]
+    line = (f"prompt {st.prompt_base_tokens} tokens in {st.prompt_codes} codes "
+            f"({st.prompt_codes / max(st.prompt_base_tokens, 1):.2f} codes/token) | output {st.base_tokens} tokens in "
+            f"{st.codes} codes, {st.hypertokens} hypertokens ({st.base_tokens_per_code:.2f} tokens/code) | "
+            f"{dt:.2f} s, {st.base_tokens / dt if dt else 0:.1f} tokens/s | stop: {st.finish_reason}")
+    print(f"\x1b[2m{line}\x1b[0m" if color else line, file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hypervocab", description="Inference-time adaptive vocabulary for "
                                      "Hugging Face causal language models.")
@@ -56,6 +133,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-protect-digits", action="store_true", help="allow digit tokens inside hypertokens")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_compress)
+
+    g = sub.add_parser("generate", help="generate text, hypertokens coloured, with a stats line",
+                       description="Generate from a prompt with a hypervocab model (a checkpoint folder) or a plain "
+                       "Hugging Face causal LM (wrapped with untrained encoders). Text written by hypertokens is "
+                       "coloured; a stats line on stderr reports codes, base tokens and speed.")
+    g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    g.add_argument("--model", required=True, help="a hypervocab checkpoint folder, or a Hugging Face model name/folder")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="codes to generate at most (default 128)")
+    g.add_argument("--max-new-base-tokens", type=int, default=None, help="base tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sample")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely codes")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="as in Hugging Face (default 1.0: none)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop once the output contains this; repeatable")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    g.add_argument("--max-codebook-size", type=int, default=2048, help="C for a plain model (default 2048)")
+    g.add_argument("--max-subtokens", type=int, default=4, help="M for a plain model (default 4)")
+    g.add_argument("--no-color", action="store_true", help="never colour (default: colour on a terminal)")
+    g.add_argument("--color", action="store_true", help="colour even when stdout is not a terminal")
+    g.set_defaults(func=_generate)
     return parser
 
 
