@@ -38,6 +38,8 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/codec_speed.py
 	$(BIN)/python benchmarks/codec_fuzz.py --seconds 60
+	$(BIN)/python scripts/assets.py --model >/dev/null
+	$(BIN)/python benchmarks/generation_speed.py
 
 clean:
 	rm -rf $(VENV) build .cache .pytest_cache .hypothesis src/*.egg-info src/hypervocab/*.so

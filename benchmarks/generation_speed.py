@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             free.append(got)
     lines = [f"# generation_speed ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})",
              "", f"SmolLM2-135M-Instruct, C=2048, M=4; stdlib Python files; medians of {args.repeats} runs "
-             "(base and hypervocab taking turns).", "",
+             "(prefills taking turns, steps interleaved).", "",
              "| what | batch | base | hypervocab | ratio | goal |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     summary: dict[str, Any] = {"args": vars(args), "batches": {}}
     for B, run in runs.items():

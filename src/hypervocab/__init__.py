@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from . import model
 
         return getattr(model, name)
+    if name in ("GenerationOutput", "HyperTextStreamer", "IncrementalDetokenizer", "SequenceStats"):
+        from . import generation
+
+        return getattr(generation, name)
     raise AttributeError(f"module 'hypervocab' has no attribute {name!r}")
 
 __all__ = [
@@ -31,6 +35,10 @@ __all__ = [
     "HyperConfig",
     "HyperModel",
     "HyperTokenizer",
+    "GenerationOutput",
+    "HyperTextStreamer",
+    "IncrementalDetokenizer",
+    "SequenceStats",
     "LZWCodec",
     "DecoderState",
     "Codebook",

@@ -64,8 +64,9 @@ def load_model(name_or_path: str, *, max_codebook_size: int = 2048, max_subtoken
 
     tok = load_tokenizer(name_or_path)
     base = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-    print(f"note: {name_or_path} is not a hypervocab checkpoint: its hyper-encoders start untrained, so it "
-          "will rarely write hypertokens", file=sys.stderr)
+    print(f"note: {name_or_path} is not a hypervocab checkpoint, so its hyper-encoders are untrained: a hypertoken "
+          "it reads or writes means little more than its first token (use a checkpoint made by hypervocab training, "
+          "or --no-hypertokens, or --max-codebook-size 0 for the base model unchanged)", file=sys.stderr)
     model = HyperModel.from_base(base, tok, HyperConfig(max_codebook_size=max_codebook_size,
                                                         max_subtokens=max_subtokens))
     return model.eval(), HyperTokenizer(tok, model.config)
@@ -99,6 +100,7 @@ def _generate(args: argparse.Namespace) -> int:
                              temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k,
                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                              stop_strings=args.stop or None, tokenizer=tok, streamer=streamer,
+                             allow_hypertokens=not args.no_hypertokens,
                              return_dict_in_generate=True)
     dt = time.perf_counter() - t0
     st = out.stats[0]
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("--stop", action="append", default=[], help="stop once the output contains this; repeatable")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--no-hypertokens", action="store_true", help="write base tokens only (the prompt is still compressed)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     g.add_argument("--max-codebook-size", type=int, default=2048, help="C for a plain model (default 2048)")
     g.add_argument("--max-subtokens", type=int, default=4, help="M for a plain model (default 4)")
