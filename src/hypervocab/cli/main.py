@@ -2,6 +2,8 @@
 
 * ``hypervocab compress PATH... --tokenizer NAME_OR_DIR``: how much text shrinks.
 * ``hypervocab generate --model PATH_OR_NAME "prompt"``: generate with hypertokens coloured.
+* ``hypervocab train --config RUN.yaml [--FIELD VALUE ...]``: uptrain a model.
+* ``hypervocab plot RUN_DIR``: draw a training run's curves.
 """
 
 from __future__ import annotations
@@ -112,6 +114,99 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _yaml_value(text: str) -> object:
+    """A flag's value read as YAML, so numbers, booleans, null and lists work: ``--lora-target-modules [q_proj]``."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    from ..config import HyperConfig
+    from ..training.config import LoraSettings, TrainConfig
+
+    from dataclasses import fields
+
+    out: dict = {}
+    for f in fields(TrainConfig):
+        if f.name in ("hyper", "lora", "data"):
+            continue
+        v = getattr(args, f.name, None)
+        if v is not None:
+            out[f.name] = _yaml_value(v) if f.name not in ("base_model", "output_dir", "cache_dir") else v
+    hyper = {f.name: _yaml_value(getattr(args, "hyper_" + f.name)) for f in fields(HyperConfig)
+             if getattr(args, "hyper_" + f.name, None) is not None}
+    lora = {f.name: _yaml_value(getattr(args, "lora_" + f.name)) for f in fields(LoraSettings)
+            if getattr(args, "lora_" + f.name, None) is not None}
+    if hyper:
+        out["hyper"] = hyper
+    if args.no_lora:
+        out["lora"] = None
+    elif lora:
+        out["lora"] = lora
+    if args.data:
+        out["data"] = list(args.data)
+    return out
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..training.config import TrainConfig
+
+    overrides = _train_overrides(args)
+    config = (TrainConfig.from_file(args.config, **overrides) if args.config
+              else TrainConfig.from_dict({}, **overrides))
+    from ..training.trainer import train
+
+    result = train(config)
+    print(json.dumps(dict(result), indent=2))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from ..training.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from dataclasses import MISSING, fields
+
+    from ..config import HyperConfig
+    from ..training.config import LoraSettings, TrainConfig
+
+    t = sub.add_parser("train", help="uptrain a causal LM into a hypervocab model",
+                       description="Uptrain a Hugging Face causal LM (LoRA + hyper-encoders) on local text. Settings "
+                       "come from --config (YAML or JSON); every setting is also a flag that overrides the file. "
+                       "Values are read as YAML (numbers, true/false, null, [lists]).")
+    t.add_argument("--config", help="a YAML or JSON file of training settings")
+    for f in fields(TrainConfig):
+        if f.name in ("hyper", "lora", "data"):
+            continue
+        default = "" if f.default is MISSING else f" (default {f.default})"
+        t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
+                       help=f"{f.name}{default}")
+    t.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="a data source (file or folder); repeatable; replaces the file's data list")
+    for f in fields(HyperConfig):
+        if f.name in ("base_vocab_size", "base_model_name_or_path", "base_model_revision", "hypervocab_version"):
+            continue
+        t.add_argument("--hyper-" + f.name.replace("_", "-"), dest="hyper_" + f.name, default=None, metavar="VALUE",
+                       help=f"hyper.{f.name}")
+    for f in fields(LoraSettings):
+        t.add_argument("--lora-" + f.name.replace("_", "-"), dest="lora_" + f.name, default=None, metavar="VALUE",
+                       help=f"lora.{f.name}")
+    t.add_argument("--no-lora", action="store_true", help="train the hyper-encoders only")
+    t.set_defaults(func=_train)
+
+    pl = sub.add_parser("plot", help="draw a training run's curves to PNG",
+                        description="Read RUN_DIR/metrics.jsonl and draw the loss terms, compression, hypertoken "
+                        "accuracy, learning rates and speed to a PNG.")
+    pl.add_argument("run_dir", help="the output_dir of a training run")
+    pl.add_argument("--out", default=None, help="the PNG to write (default RUN_DIR/metrics.png)")
+    pl.set_defaults(func=_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hypervocab", description="Inference-time adaptive vocabulary for "
                                      "Hugging Face causal language models.")
@@ -158,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-color", action="store_true", help="never colour (default: colour on a terminal)")
     g.add_argument("--color", action="store_true", help="colour even when stdout is not a terminal")
     g.set_defaults(func=_generate)
+    _add_train_parser(sub)
     return parser
 
 

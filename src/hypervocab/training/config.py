@@ -1,0 +1,257 @@
+"""``TrainConfig``: everything an uptraining run needs, validated before any work starts.
+
+A run is described by one YAML (or JSON) file; every field can also be given as a
+command-line flag (``hypervocab train --config run.yaml --lr 1e-4``).  Every problem
+found is reported at once, each with what to change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import HyperConfig
+from ..errors import ConfigError
+
+__all__ = ["DataSource", "LoraSettings", "TrainConfig", "SOURCE_KINDS"]
+
+SOURCE_KINDS = ("auto", "text", "jsonl", "chat", "hf_dataset")
+
+
+@dataclass
+class DataSource:
+    """One source of training text.
+
+    path: a text file, a folder (files chosen by ``glob``), a ``.jsonl`` file, or a folder saved by
+        ``datasets.Dataset.save_to_disk``.
+    kind: ``"text"`` (each file is a document), ``"jsonl"`` (each line's ``text_field`` is a document),
+        ``"chat"`` (each JSONL line's ``messages_field`` is a list of ``{"role", "content"}`` messages,
+        rendered with the tokenizer's chat template; only assistant turns are in the loss),
+        ``"hf_dataset"`` (rows of a saved dataset, ``text_field`` or ``messages_field``), or ``"auto"``
+        (from the path: ``.jsonl`` -> jsonl, a folder with ``dataset_info.json`` -> hf_dataset, else text).
+    glob: which files of a folder (``"**/*.py"``); several patterns allowed.
+    weight: share of training windows drawn from this source, relative to the others.
+    """
+
+    path: str
+    kind: str = "auto"
+    glob: list[str] = field(default_factory=lambda: ["**/*"])
+    text_field: str = "text"
+    messages_field: str = "messages"
+    weight: float = 1.0
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        if self.kind not in SOURCE_KINDS:
+            out.append(f"{where}.kind must be one of {', '.join(map(repr, SOURCE_KINDS))}, got {self.kind!r}")
+        if not Path(self.path).exists():
+            out.append(f"{where}.path {self.path!r} does not exist: give an existing file or folder")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight > 0:
+            out.append(f"{where}.weight must be a number > 0, got {self.weight!r}")
+        if isinstance(self.glob, str):
+            self.glob = [self.glob]
+        if not isinstance(self.glob, list) or not all(isinstance(g, str) and g for g in self.glob):
+            out.append(f"{where}.glob must be a list of patterns such as '**/*.py', got {self.glob!r}")
+        return out
+
+    def resolved_kind(self) -> str:
+        if self.kind != "auto":
+            return self.kind
+        p = Path(self.path)
+        if p.suffix == ".jsonl":
+            return "jsonl"
+        if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+            return "hf_dataset"  # a saved Dataset, or a saved DatasetDict
+        return "text"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the frozen base model (PEFT).  ``target_modules=None`` finds them for common architectures."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("r", "alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                out.append(f"lora.{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            out.append(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None and (not isinstance(self.target_modules, list) or not all(
+                isinstance(t, str) and t for t in self.target_modules)):
+            out.append(f"lora.target_modules must be a list of module names or None, got {self.target_modules!r}")
+        return out
+
+
+# (name, minimum, maximum or None, what it is) for the numeric fields of TrainConfig
+_INTS = {"window": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "warmup_steps": 0, "save_every": 0,
+         "log_every": 1, "eval_every": 0, "eval_batches": 1, "seed": 0, "num_workers": 1}
+_FLOATS = {"lr": (0.0, False), "encoder_lr": (0.0, False), "weight_decay": (0.0, True), "min_lr_ratio": (0.0, True),
+           "max_grad_norm": (0.0, False), "recon_weight": (0.0, True), "next_hyper_weight": (0.0, True)}
+
+
+@dataclass
+class TrainConfig:
+    """An uptraining run.
+
+    Model: base_model (hub id or folder), hyper (:class:`~hypervocab.HyperConfig` settings), lora
+    (:class:`LoraSettings`, or ``None`` to train the encoders only), dtype (``"auto"``: bfloat16 where the
+    hardware has it, else float32).
+    Data: data (a list of :class:`DataSource`), window (codes per training window), eval_fraction
+    (documents held out, chosen by a hash of the seed and the document), cache_dir (tokenized and compressed
+    windows, reused by later runs; default ``<output_dir>/data``), num_workers (tokenizing processes).
+    Optimisation: AdamW with lr (LoRA) and encoder_lr (hyper-encoders and auxiliary heads), weight_decay,
+    warmup_steps then cosine down to ``min_lr_ratio * lr``, max_grad_norm clipping, batch_size windows per
+    micro-batch and process, grad_accum micro-batches per step, max_steps optimiser steps.
+    Losses: next-code cross-entropy over ``V + C`` (EOS included), plus recon_weight times the
+    reconstruction loss and next_hyper_weight times the next-is-hypertoken loss.
+    Output: output_dir (checkpoints every save_every steps, metrics.jsonl, the final model), log_every,
+    eval_every (0: only at the end), eval_batches, resume (continue from the newest checkpoint).
+    """
+
+    base_model: str
+    data: list[DataSource]
+    output_dir: str
+    hyper: HyperConfig = field(default_factory=HyperConfig)
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+    dtype: str = "auto"
+    window: int = 512
+    eval_fraction: float = 0.05
+    cache_dir: str | None = None
+    num_workers: int = 1
+    lr: float = 2e-4
+    encoder_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    recon_weight: float = 0.1
+    next_hyper_weight: float = 0.0
+    seed: int = 0
+    save_every: int = 200
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 8
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hyper, dict):
+            try:
+                self.hyper = HyperConfig(**self.hyper)
+            except TypeError as e:
+                raise ConfigError(f"hyper: {e}") from None
+        if isinstance(self.lora, dict):
+            try:
+                self.lora = LoraSettings(**self.lora)
+            except TypeError as e:
+                raise ConfigError(f"lora: {e}") from None
+        if isinstance(self.data, (str, dict)):
+            self.data = [self.data]
+        if isinstance(self.data, list):
+            try:
+                self.data = [DataSource(path=d) if isinstance(d, str) else DataSource(**d) if isinstance(d, dict)
+                             else d for d in self.data]
+            except TypeError as e:
+                raise ConfigError(f"data: {e}") from None
+        problems = self.problems()
+        if problems:
+            raise ConfigError("the training config has problems:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Everything wrong with this config that can be seen without loading anything."""
+        out = []
+        if not isinstance(self.base_model, str) or not self.base_model:
+            out.append(f"base_model must name a model (a hub id or a folder), got {self.base_model!r}")
+        elif (self.base_model.startswith((".", "/", "~")) or Path(self.base_model).exists()) and not (
+                Path(self.base_model).expanduser() / "config.json").is_file():
+            out.append(f"base_model {self.base_model!r} is not a model folder (no config.json there)")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            out.append(f"output_dir must be a folder path, got {self.output_dir!r}")
+        if not isinstance(self.data, list) or not self.data:
+            out.append("data must list at least one source (a path, or {path: ..., kind: ..., weight: ...})")
+        else:
+            for i, d in enumerate(self.data):
+                if not isinstance(d, DataSource):
+                    out.append(f"data[{i}] must be a path or a mapping, got {type(d).__name__}")
+                else:
+                    out += d.problems(f"data[{i}]")
+        if not isinstance(self.hyper, HyperConfig):
+            out.append(f"hyper must be a mapping of HyperConfig settings, got {type(self.hyper).__name__}")
+        if self.lora is not None:
+            out += self.lora.problems() if isinstance(self.lora, LoraSettings) else [
+                f"lora must be a mapping of LoRA settings or null, got {type(self.lora).__name__}"]
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            out.append(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        for name, lo in _INTS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                out.append(f"{name} must be an int >= {lo}, got {v!r}")
+        for name, (lo, inclusive) in _FLOATS.items():
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= lo if inclusive else v > lo)
+            if not ok or v != v or v in (float("inf"),):
+                out.append(f"{name} must be a finite number {'>=' if inclusive else '>'} {lo}, got {v!r}")
+        if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 1:
+            out.append(f"eval_fraction must be a number in [0, 1), got {self.eval_fraction!r}")
+        if not isinstance(self.resume, bool):
+            out.append(f"resume must be true or false, got {self.resume!r}")
+        if isinstance(self.min_lr_ratio, (int, float)) and self.min_lr_ratio > 1:
+            out.append(f"min_lr_ratio must be at most 1, got {self.min_lr_ratio!r}")
+        return out
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # only what a person sets: the tokenizer fills in the rest when the model is built
+        d["hyper"] = {k: v for k, v in d["hyper"].items() if v is not None and k != "hypervocab_version"}
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a YAML or JSON file; ``overrides`` (flags) replace its fields (``hyper``/``lora`` merge)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise ImportError("YAML configs need PyYAML: pip install 'hypervocab[train]'") from None
+            raw = yaml.safe_load(text)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{str(path)!r} must hold a mapping of settings, got {type(raw).__name__}")
+        return cls.from_dict(raw, **overrides)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], **overrides: Any) -> TrainConfig:
+        raw = dict(raw)
+        for key in ("hyper", "lora"):
+            if isinstance(overrides.get(key), dict) and isinstance(raw.get(key), dict):
+                overrides[key] = {**raw[key], **overrides[key]}
+        raw.update(overrides)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown training settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        missing = [name for name in ("base_model", "data", "output_dir") if name not in raw]
+        if missing:
+            raise ConfigError("the training config has problems:\n  - " + "\n  - ".join(
+                f"{name} is required" for name in missing))
+        return cls(**raw)

@@ -1,0 +1,172 @@
+"""Uptraining on a tiny random model: it learns to use hypertokens, resumes exactly, and runs in two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypervocab import HyperModel, HyperTokenizer
+from hypervocab.errors import ConfigError
+from hypervocab.training import TrainConfig, train
+
+transformers = pytest.importorskip("transformers")
+
+from .models import V  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LINES = ["def add(a, b):\n    return a + b\n\n", "for item in items:\n    print(item)\n\n",
+         "if value is None:\n    value = default\n\n", "class Point:\n    x: float\n    y: float\n\n"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama over the real SmolLM2 tokenizer, saved as a model folder.
+
+    Its weights start wide (std 0.5): with the usual 0.02 its frozen tied head gives every logit nearly the
+    same value, and no LoRA can reach a low loss through the final norm.
+    """
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        initializer_range=0.5)).save_pretrained(d)
+    smollm2_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def repetitive_data(tmp_path_factory):
+    """Highly repetitive real-looking code: each file repeats a few snippets many times."""
+    d = tmp_path_factory.mktemp("data")
+    for i in range(12):
+        text = "".join(LINES[(i + k) % len(LINES)] for k in range(40))
+        (d / f"snippets_{i:02d}.py").write_text(text)
+    return d
+
+
+def config(base_dir, data, out, **kw) -> TrainConfig:
+    settings = dict(base_model=str(base_dir), data=[str(data)], output_dir=str(out), window=64, batch_size=4,
+                    max_steps=12, warmup_steps=2, lr=1e-2, encoder_lr=1e-2, save_every=0, log_every=1,
+                    eval_fraction=0.0, hyper={"max_codebook_size": 64, "max_subtokens": 4},
+                    lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"]})
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def greedy_hyper_share(model: HyperModel, htok: HyperTokenizer) -> float:
+    enc = htok([LINES[0] * 3, LINES[1] * 3], return_tensors="pt", padding=True)
+    out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=40, eos_token_id=[],
+                         return_dict_in_generate=True)
+    return sum(s.hypertokens for s in out.stats) / sum(s.codes for s in out.stats)
+
+
+def test_training_makes_the_loss_fall_and_greedy_output_use_hypertokens(base_dir, repetitive_data, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(base_dir, repetitive_data, out, max_steps=100, log_every=5), progress=False)
+    rows = [r for r in metrics(out) if "lm_loss" in r]
+    assert result["steps"] == 100 and rows[-1]["step"] == 100
+    assert rows[-1]["lm_loss"] < 0.3 * rows[0]["lm_loss"]
+    assert rows[-1]["hyper_accuracy"] > rows[0]["hyper_accuracy"]
+    assert rows[-1]["recon_loss"] < 0.5 * rows[0]["recon_loss"]
+    trained = HyperModel.from_pretrained(out).eval()
+    htok = HyperTokenizer.from_pretrained(out)
+    fresh = HyperModel.from_base(transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval(), htok.tokenizer,
+                                 trained.config).eval()
+    before, after = greedy_hyper_share(fresh, htok), greedy_hyper_share(trained, htok)
+    assert after > 0.3 and after > before + 0.2, (before, after)
+    from hypervocab.training.plot import plot_run
+
+    png = plot_run(out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reconstruction_loss_falls_towards_zero(base_dir, repetitive_data, tmp_path):
+    """The input encoder (no LoRA) learns to keep every subtoken of an entry recoverable."""
+    out = tmp_path / "recon"
+    train(config(base_dir, repetitive_data, out, max_steps=100, lora=None, recon_weight=1.0, encoder_lr=3e-2,
+                 log_every=10), progress=False)
+    rows = [r for r in metrics(out) if "recon_loss" in r]
+    assert rows[-1]["recon_loss"] < 0.2 * rows[0]["recon_loss"], rows
+
+
+def run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "hypervocab.cli.main", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_curve(base_dir, repetitive_data, tmp_path):
+    cfg = config(base_dir, repetitive_data, tmp_path / "x", max_steps=40, save_every=5)
+    path = tmp_path / "run.json"
+    cfg.save(path)
+    whole = tmp_path / "whole"
+    p = run_cli(["--config", str(path), "--output-dir", str(whole)])
+    assert p.wait(600) == 0, p.stderr.read().decode()
+    killed = tmp_path / "killed"
+    p = run_cli(["--config", str(path), "--output-dir", str(killed)])
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "step-0000015" / "state.json").is_file():
+        assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    logged = [r["step"] for r in metrics(killed) if "lm_loss" in r]
+    assert max(logged) < 40, "the run finished before it was killed"
+    p = run_cli(["--config", str(path), "--output-dir", str(killed)])
+    assert p.wait(600) == 0, p.stderr.read().decode()
+    a = [(r["step"], r["lm_loss"], r.get("recon_loss")) for r in metrics(whole) if "lm_loss" in r]
+    b = [(r["step"], r["lm_loss"], r.get("recon_loss")) for r in metrics(killed) if "lm_loss" in r]
+    assert [s for s, _, _ in b] == list(range(1, 41))
+    assert a == b
+
+
+def test_two_processes_equal_one_process_with_twice_the_accumulation(base_dir, repetitive_data, tmp_path):
+    cfg = config(base_dir, repetitive_data, tmp_path / "x", max_steps=6, batch_size=2)
+    path = tmp_path / "run.json"
+    cfg.save(path)
+    one = run_cli(["--config", str(path), "--output-dir", str(tmp_path / "one"), "--grad-accum", "2"])
+    assert one.wait(600) == 0, one.stderr.read().decode()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          "-m", "hypervocab.cli.main", "train", "--config", str(path), "--output-dir",
+                          str(tmp_path / "two")], env=env, capture_output=True, timeout=600)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    a = [r for r in metrics(tmp_path / "one") if "lm_loss" in r]
+    b = [r for r in metrics(tmp_path / "two") if "lm_loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        for k in ("lm_loss", "recon_loss", "grad_norm", "codes_per_token"):
+            assert abs(x[k] - y[k]) <= 1e-4 * max(1.0, abs(x[k])), (k, x, y)
+
+
+def test_bad_configs_fail_before_any_compute(base_dir, repetitive_data, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(base_model=str(tmp_path / "nowhere"), data=[str(tmp_path / "missing"), {"path": str(
+            repetitive_data), "weight": 0}], output_dir=str(tmp_path / "o"), lr=-1, window=1)
+    message = str(e.value)
+    for part in ["base_model", "data[0].path", "does not exist", "data[1].weight must be a number > 0, got 0",
+                 "lr must be a finite number > 0.0, got -1", "window must be an int >= 2, got 1"]:
+        assert part in message
+    with pytest.raises(ConfigError, match=re.escape("lora.target_modules=['attention_xyz'] does not fit this model")):
+        train(config(base_dir, repetitive_data, tmp_path / "lora", lora={"target_modules": ["attention_xyz"]}))
+    assert not (tmp_path / "lora" / "data").exists()  # nothing was tokenized
+    with pytest.raises(ConfigError, match=r"max_codebook_size=50000000 need about .* GiB .* lower batch_size"):
+        train(config(base_dir, repetitive_data, tmp_path / "big", hyper={"max_codebook_size": 50_000_000}))
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(ConfigError, match="unknown training settings: learning_rate"):
+        TrainConfig.from_dict({"base_model": str(base_dir), "data": [], "output_dir": "o", "learning_rate": 1})
