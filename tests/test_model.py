@@ -221,3 +221,22 @@ def test_real_smollm2(code_text):
         torch.testing.assert_close(step_by_step(model, codes), full.logits, rtol=1e-4, atol=1e-3)
     # zero-initialised encoders: a hypertoken starts as its first subtoken, so the start loss stays sane
     assert torch.isfinite(full.loss) and full.loss < 20
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_head_and_loss_equal_the_inference_head_and_a_direct_loss(arch, smollm2_tokenizer, htok, code_text):
+    """With gradients the head concatenates instead of writing in place; both give the same logits and loss."""
+    model = make(arch, smollm2_tokenizer)
+    batch = htok([code_text[:600], code_text[200:500]], return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        want = model(ids, mask, labels=ids)
+    got = model(ids, mask, labels=ids)
+    assert got.logits.requires_grad and torch.equal(torch.isinf(got.logits), torch.isinf(want.logits))
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    target = ids[:, 1:].clone()
+    target[mask[:, 1:] == 0] = -100
+    direct = torch.nn.functional.cross_entropy(want.logits[:, :-1].reshape(-1, want.logits.shape[-1]),
+                                               target.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(got.loss.detach(), direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(want.loss, direct, rtol=1e-5, atol=1e-5)

@@ -95,6 +95,9 @@ class HyperHead(nn.Module):
         """``hidden`` [B, T, D] -> logits [B, T, V + C]; rows not visible are ``-inf``."""
         V, C = self.base_vocab_size, self.max_codebook_size
         B, T, D = hidden.shape
+        ctx = self.context
+        if torch.is_grad_enabled() and ctx is not None and C and ctx.table.shape[1]:
+            return self._training_forward(hidden, ctx)
         flat_h = hidden.reshape(B * T, D)
         first = self.base(flat_h[:_ROWS_PER_CHUNK])[:, :V]
         out = first.new_empty(B * T, V + C)
@@ -102,7 +105,6 @@ class HyperHead(nn.Module):
         for s in range(_ROWS_PER_CHUNK, B * T, _ROWS_PER_CHUNK):  # one [B, T, V + C] tensor, small temporaries
             out[s: s + _ROWS_PER_CHUNK, :V] = self.base(flat_h[s: s + _ROWS_PER_CHUNK])[:, :V]
         out = out.view(B, T, V + C)
-        ctx = self.context
         if C == 0:
             return out
         if ctx is None or ctx.table.shape[1] == 0:
@@ -122,3 +124,28 @@ class HyperHead(nn.Module):
         if W < C:
             out[..., V + W:] = float("-inf")
         return out
+
+    def _hyper_logits(self, hidden: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
+        """``[B, T, C]`` hypertoken logits, ``-inf`` where a row is not visible."""
+        C = self.max_codebook_size
+        B, T, _ = hidden.shape
+        W = min(ctx.table.shape[1], C)
+        hyper = torch.bmm(hidden, ctx.table[:, :W].transpose(1, 2).to(hidden.dtype))  # [B, T, W]
+        cols = torch.arange(W, device=hidden.device)
+        visible = cols.view(1, 1, W) < ctx.visible[:, -T:].unsqueeze(-1)
+        if ctx.candidates is not None:
+            cand_logit = (hidden * ctx.candidates[:, -T:].to(hidden.dtype)).sum(-1)  # [B, T]
+            at = (cols.view(1, 1, W) == ctx.visible[:, -T:].unsqueeze(-1)) & ctx.candidate_ok[:, -T:].unsqueeze(-1)
+            hyper = torch.where(at, cand_logit.unsqueeze(-1), hyper)
+            visible = visible | at
+        hyper = hyper.masked_fill(~visible, float("-inf"))
+        if W < C:
+            hyper = torch.cat([hyper, hyper.new_full((B, T, C - W), float("-inf"))], -1)
+        return hyper
+
+    def _training_forward(self, hidden: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
+        """With gradients: one concatenation, whose backward is free views (the in-place writes of the
+        inference path would copy the whole [B, T, V + C] gradient once per write)."""
+        V = self.base_vocab_size
+        base = self.base(hidden)[..., :V]
+        return torch.cat([base, self._hyper_logits(hidden, ctx).to(base.dtype)], -1)

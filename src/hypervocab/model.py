@@ -338,17 +338,21 @@ class HyperModel(nn.Module):
 
     @staticmethod
     def _loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Next-code cross-entropy, in chunks of positions (no second [B, T, V + C] tensor)."""
-        target = labels[:, 1:].clone()
-        target[mask[:, 1:] == 0] = -100
-        pred = logits[:, :-1]
+        """Next-code cross-entropy, in chunks of positions (no second [B, T, V + C] tensor).
+
+        The targets are shifted, not the logits: a shifted view of the logits is not contiguous,
+        and reshaping it would copy the largest tensor of the step (and its gradient) once more.
+        """
+        target = torch.full_like(labels, -100)
+        target[:, :-1] = labels[:, 1:]
+        target[:, :-1][mask[:, 1:] == 0] = -100
+        flat = logits.reshape(-1, logits.shape[-1])  # a view: logits are contiguous
+        flat_target = target.reshape(-1)
         total = logits.new_zeros((), dtype=torch.float32)
-        for s in range(0, pred.shape[1], _LOSS_CHUNK):
-            chunk = pred[:, s: s + _LOSS_CHUNK]
-            total = total + F.cross_entropy(chunk.reshape(-1, chunk.shape[-1]).float(),
-                                            target[:, s: s + _LOSS_CHUNK].reshape(-1), ignore_index=-100,
-                                            reduction="sum")
-        return total / (target != -100).sum().clamp(min=1)
+        for s in range(0, flat.shape[0], _LOSS_CHUNK):
+            total = total + F.cross_entropy(flat[s: s + _LOSS_CHUNK].float(), flat_target[s: s + _LOSS_CHUNK],
+                                            ignore_index=-100, reduction="sum")
+        return total / (flat_target != -100).sum().clamp(min=1)
 
     # ------------------------------------------------------------------ generation
 
