@@ -220,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(smollm2_model_dir())
     tok, base, hyper = load(args.model, 2048, 4)
     batches = {1: args.prompt_tokens, args.batch: args.batch_prompt_tokens}
-    rows: dict[int, dict[str, Any]] = {}
     runs = {B: Run(tok, base, hyper, texts(tok, B, n + args.step_tokens), n) for B, n in batches.items()}
     free_ids = texts(tok, 1, args.prompt_tokens)[0]
     results: dict[int, dict[str, list]] = {B: {"base": [], "hyper": []} for B in runs}

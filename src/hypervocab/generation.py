@@ -803,7 +803,7 @@ def encode_continuation(codec: Any, ids: Sequence[int], state: DecoderState) -> 
     Greedy longest match over the entries the sequence has installed (and the one new id that may
     legally come next), so a later turn reuses the hypertokens of the conversation so far.
     """
-    V, M = codec.base_vocab_size, codec.max_subtokens
+    M = codec.max_subtokens
     disabled = set(codec.disabled_ids)
     dec = state.copy()
     known: dict[tuple[int, ...], int] = {}
