@@ -302,3 +302,17 @@ def test_cli_generate_streams_the_greedy_text_and_a_stats_line(smollm2_tokenizer
     assert re.sub(r"\x1b\[\d+m", "", coloured) == out
     assert main(["generate", "--model", str(ckpt), "x", "--temperature", "-1", "--top-p", "2"]) == 2
     assert "top_p must be a number in (0, 1] or None, got 2.0" in capsys.readouterr().err
+
+
+def test_right_padded_prompts_give_the_same_codes_as_left_padded_ones(smollm2_tokenizer, htok):
+    model = make("llama", smollm2_tokenizer)
+    enc = htok(PROMPTS, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    right_ids, right_mask = torch.full_like(ids, model.config.pad_id), torch.zeros_like(mask)
+    for b in range(len(PROMPTS)):
+        row = ids[b][mask[b].bool()]
+        right_ids[b, : len(row)], right_mask[b, : len(row)] = row, 1
+    assert not torch.equal(right_mask, mask)
+    left = model.generate(ids, mask, max_new_tokens=10, eos_token_id=[], return_dict_in_generate=True)
+    right = model.generate(right_ids, right_mask, max_new_tokens=10, eos_token_id=[], return_dict_in_generate=True)
+    assert right.new_codes == left.new_codes

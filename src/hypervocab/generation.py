@@ -608,6 +608,10 @@ def generate(
                                      "every sequence needs at least one code")
             feed, feed_mask = ids, prompt_mask
             lengths = np.asarray(session.push_many(rows, ids, prompt_mask), np.int64)
+            if not _left_padded(prompt_mask):
+                # right (or inner) padding: the model must read each row's codes flush right, so that the
+                # last position is every row's last code; the codes themselves are what they were
+                feed, feed_mask, lengths = _left_align(ids, prompt_mask, lengths)
             prompt_base = [int((lengths[b] * prompt_mask[b]).sum()) for b in range(B)]
         else:
             past.used = True
@@ -706,6 +710,22 @@ def generate(
     books = [d.codebook for d in state.rows.decoders] if output_codebooks else None
     return GenerationOutput(sequences, new_codes, new_base, stats, state, books,
                             tuple(scores) if output_logits else None)
+
+
+def _left_padded(mask: np.ndarray) -> bool:
+    """Whether every row of ``mask`` is some 0s followed by 1s."""
+    return bool((np.diff(mask.astype(np.int64), axis=1) >= 0).all())
+
+
+def _left_align(ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The codes where ``mask`` is 1, moved to the right end of each row (padding on the left)."""
+    B, T = ids.shape
+    out_ids, out_mask, out_len = np.zeros_like(ids), np.zeros_like(mask), np.ones_like(lengths)
+    for b in range(B):
+        keep = mask[b].astype(bool)
+        n = int(keep.sum())
+        out_ids[b, T - n:], out_mask[b, T - n:], out_len[b, T - n:] = ids[b][keep], 1, lengths[b][keep]
+    return out_ids, out_mask, out_len
 
 
 def _prepend_unread(rows: _Rows, ids: np.ndarray, mask: np.ndarray, lengths: list[list[int]],
