@@ -316,3 +316,13 @@ def test_right_padded_prompts_give_the_same_codes_as_left_padded_ones(smollm2_to
     left = model.generate(ids, mask, max_new_tokens=10, eos_token_id=[], return_dict_in_generate=True)
     right = model.generate(right_ids, right_mask, max_new_tokens=10, eos_token_id=[], return_dict_in_generate=True)
     assert right.new_codes == left.new_codes
+
+
+def test_detokenizer_rejects_what_is_not_a_base_id(smollm2_tokenizer):
+    from hypervocab.errors import TokenTypeError
+
+    detok = IncrementalDetokenizer(smollm2_tokenizer)
+    for bad in ([1, -2], [1.5], ["a"]):
+        with pytest.raises(TokenTypeError, match=re.escape(f"ids must be base token ids (ints >= 0), got {bad[-1]!r}")):
+            detok.push(bad)
+    assert detok.ids == [] and detok.push([]) == ""

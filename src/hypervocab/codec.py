@@ -747,7 +747,9 @@ def _invalid_code(state: DecoderState, codes: np.ndarray, pos: int, where: str) 
     """The error for ``codes[pos]``: ``state`` (a scratch state, changed here) is first advanced to ``pos``."""
     state._core.push(codes[:pos], _lzw.ERRORS_STRICT, -1)
     c = int(codes[pos])
-    return InvalidCodeError(f"{where} = {c} cannot be decoded: " + _why_invalid(state, c))
+    err = InvalidCodeError(f"{where} = {c} cannot be decoded: " + _why_invalid(state, c))
+    err.position, err.reason = pos, _why_invalid(state, c)  # for callers that renumber positions
+    return err
 
 
 def _why_invalid(state: DecoderState, c: int) -> str:

@@ -110,42 +110,36 @@ class HyperHead(nn.Module):
         if ctx is None or ctx.table.shape[1] == 0:
             out[..., V:] = float("-inf")
             return out
-        W = min(ctx.table.shape[1], C)
-        hyper = torch.bmm(hidden, ctx.table[:, :W].transpose(1, 2).to(hidden.dtype))  # [B, T, W]
-        cols = torch.arange(W, device=hidden.device)
-        visible = cols.view(1, 1, W) < ctx.visible.unsqueeze(-1)
-        if ctx.candidates is not None:
-            # the legal new id right after t sits at row visible[b, t]
-            cand_logit = (hidden * ctx.candidates.to(hidden.dtype)).sum(-1)  # [B, T]
-            at = (cols.view(1, 1, W) == ctx.visible.unsqueeze(-1)) & ctx.candidate_ok.unsqueeze(-1)
-            hyper = torch.where(at, cand_logit.unsqueeze(-1), hyper)
-            visible = visible | at
-        out[..., V: V + W] = hyper.masked_fill(~visible, float("-inf")).to(out.dtype)
+        hyper = self._hyper_logits(hidden, ctx)
+        W = hyper.shape[-1]
+        out[..., V: V + W] = hyper.to(out.dtype)
         if W < C:
             out[..., V + W:] = float("-inf")
         return out
 
     def _hyper_logits(self, hidden: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
-        """``[B, T, C]`` hypertoken logits, ``-inf`` where a row is not visible."""
-        C = self.max_codebook_size
-        B, T, _ = hidden.shape
-        W = min(ctx.table.shape[1], C)
+        """``[B, T, W]`` logits of the first ``W`` hypertoken rows, ``-inf`` where a row is not visible."""
+        T = hidden.shape[1]
+        W = min(ctx.table.shape[1], self.max_codebook_size)
+        visible_n = ctx.visible[:, -T:].unsqueeze(-1)
         hyper = torch.bmm(hidden, ctx.table[:, :W].transpose(1, 2).to(hidden.dtype))  # [B, T, W]
-        cols = torch.arange(W, device=hidden.device)
-        visible = cols.view(1, 1, W) < ctx.visible[:, -T:].unsqueeze(-1)
+        cols = torch.arange(W, device=hidden.device).view(1, 1, W)
+        visible = cols < visible_n
         if ctx.candidates is not None:
+            # the legal new id right after t sits at row visible[b, t]
             cand_logit = (hidden * ctx.candidates[:, -T:].to(hidden.dtype)).sum(-1)  # [B, T]
-            at = (cols.view(1, 1, W) == ctx.visible[:, -T:].unsqueeze(-1)) & ctx.candidate_ok[:, -T:].unsqueeze(-1)
+            at = (cols == visible_n) & ctx.candidate_ok[:, -T:].unsqueeze(-1)
             hyper = torch.where(at, cand_logit.unsqueeze(-1), hyper)
             visible = visible | at
-        hyper = hyper.masked_fill(~visible, float("-inf"))
-        if W < C:
-            hyper = torch.cat([hyper, hyper.new_full((B, T, C - W), float("-inf"))], -1)
-        return hyper
+        return hyper.masked_fill(~visible, float("-inf"))
 
     def _training_forward(self, hidden: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
         """With gradients: one concatenation, whose backward is free views (the in-place writes of the
         inference path would copy the whole [B, T, V + C] gradient once per write)."""
-        V = self.base_vocab_size
+        V, C = self.base_vocab_size, self.max_codebook_size
         base = self.base(hidden)[..., :V]
-        return torch.cat([base, self._hyper_logits(hidden, ctx).to(base.dtype)], -1)
+        hyper = self._hyper_logits(hidden, ctx).to(base.dtype)
+        parts = [base, hyper]
+        if hyper.shape[-1] < C:
+            parts.append(hyper.new_full(hyper.shape[:2] + (C - hyper.shape[-1],), float("-inf")))
+        return torch.cat(parts, -1)

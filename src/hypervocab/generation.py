@@ -26,7 +26,8 @@ import torch
 from .codebook import Codebook
 from .codec import DecoderState
 from .embedding import HeadContext
-from .errors import ConfigError, InputTypeError, InvalidCodeError
+from .errors import ConfigError, InputTypeError, InvalidCodeError, TokenTypeError
+from .positions import position_ids
 
 if TYPE_CHECKING:
     from .model import HyperModel
@@ -227,8 +228,8 @@ class _Session:
                 got = dec.push(row)
             except InvalidCodeError as e:
                 rows.decoders[:] = snapshots
-                where = int(np.flatnonzero(mask[b])[int(str(e).split("[", 1)[1].split("]", 1)[0])])
-                raise InvalidCodeError(f"input_ids[{b}][{where}]: {str(e).split(': ', 1)[1]}") from None
+                where = int(np.flatnonzero(mask[b])[e.position])
+                raise InvalidCodeError(f"input_ids[{b}][{where}]: {e.reason}") from None
             for e in got.installed:
                 rows.books[b].append(e.phrase)
                 new.append((b, e.id - V, e.phrase))
@@ -309,9 +310,7 @@ class _Session:
         """Read ``[B, T]`` codes (already pushed) through the model; returns the last position's logits ``[B, V + C]``."""
         mask_np = mask.cpu().numpy().astype(np.int64)
         self._read_vectors(rows, codes.cpu().numpy(), mask_np)
-        step = lengths * mask_np if self.position_mode == "base" else mask_np
-        offset = rows.base_len if self.position_mode == "base" else rows.code_len
-        pos = np.where(mask_np == 1, np.maximum(np.cumsum(step, 1) - 1 + offset[:, None], 0), 0)
+        pos = position_ids(lengths, mask_np, self.position_mode, base_offset=rows.base_len, code_offset=rows.code_len)
         rows.base_len = rows.base_len + (lengths * mask_np).sum(1)
         rows.code_len = rows.code_len + mask_np.sum(1)
         rows.mask = torch.cat([rows.mask, mask.to(rows.mask.device)], 1)
@@ -413,8 +412,11 @@ class IncrementalDetokenizer:
 
     def push(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Add base tokens; returns the new final text (possibly empty)."""
-        ids = ids.reshape(-1).tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
-        self.ids.extend(ids)
+        ids = ids.reshape(-1).tolist() if hasattr(ids, "reshape") else list(ids)
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i for i in ids):
+            bad = next(i for i in ids if not (isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i))
+            raise TokenTypeError(f"ids must be base token ids (ints >= 0), got {bad!r}")
+        self.ids.extend(int(i) for i in ids)
         prefix = self._decode(self.ids[self._start: self._done])
         text = self._decode(self.ids[self._start:])
         if text.endswith("\ufffd") or len(text) <= len(prefix):
@@ -463,12 +465,12 @@ class HyperTextStreamer:
         self.pieces: list[tuple[str, bool]] = []  # (text, written by a hypertoken)
 
     def put(self, value: torch.Tensor | Sequence[int]) -> None:
-        ids = value.reshape(-1).tolist() if hasattr(value, "reshape") else [int(v) for v in value]
+        ids = value.reshape(-1).tolist() if hasattr(value, "reshape") else list(value)
         if not self._prompt_seen:
             self._prompt_seen = True
             if self.skip_prompt:
                 return
-        self._write(self.detok.push(ids), len(ids) > 1)
+        self._write(self.detok.push(ids), len(ids) > 1)  # push checks the ids
 
     def end(self) -> None:
         self._write(self.detok.flush(), False)
@@ -717,15 +719,21 @@ def _left_padded(mask: np.ndarray) -> bool:
     return bool((np.diff(mask.astype(np.int64), axis=1) >= 0).all())
 
 
+def _flush_right(seqs: list[list[int]], lens: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[B, width]`` codes, mask and base lengths with each row's codes at the right end (padding on the left)."""
+    B = len(seqs)
+    ids, mask, out_len = np.zeros((B, width), np.int64), np.zeros((B, width), np.int64), np.ones((B, width), np.int64)
+    for b, (s, ln) in enumerate(zip(seqs, lens)):
+        if len(s):
+            ids[b, width - len(s):], mask[b, width - len(s):], out_len[b, width - len(s):] = s, 1, ln
+    return ids, mask, out_len
+
+
 def _left_align(ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The codes where ``mask`` is 1, moved to the right end of each row (padding on the left)."""
-    B, T = ids.shape
-    out_ids, out_mask, out_len = np.zeros_like(ids), np.zeros_like(mask), np.ones_like(lengths)
-    for b in range(B):
-        keep = mask[b].astype(bool)
-        n = int(keep.sum())
-        out_ids[b, T - n:], out_mask[b, T - n:], out_len[b, T - n:] = ids[b][keep], 1, lengths[b][keep]
-    return out_ids, out_mask, out_len
+    keep = mask.astype(bool)
+    return _flush_right([ids[b][keep[b]] for b in range(len(ids))], [lengths[b][keep[b]] for b in range(len(ids))],
+                        ids.shape[1])
 
 
 def _prepend_unread(rows: _Rows, ids: np.ndarray, mask: np.ndarray, lengths: list[list[int]],
@@ -738,14 +746,7 @@ def _prepend_unread(rows: _Rows, ids: np.ndarray, mask: np.ndarray, lengths: lis
         old = rows.unread[b]
         seqs.append(old + ids[b][keep].tolist())
         lens.append([1 if c < V else len(rows.books[b][c - V]) for c in old] + list(np.asarray(lengths[b])[keep]))
-    width = max(len(s) for s in seqs)
-    feed = np.zeros((len(seqs), width), np.int64)
-    feed_mask = np.zeros((len(seqs), width), np.int64)
-    feed_len = np.ones((len(seqs), width), np.int64)
-    for b, (s, ln) in enumerate(zip(seqs, lens)):
-        if s:
-            feed[b, width - len(s):], feed_mask[b, width - len(s):], feed_len[b, width - len(s):] = s, 1, ln
-    return feed, feed_mask, feed_len
+    return _flush_right(seqs, lens, max(len(s) for s in seqs))
 
 
 def _detach(rows: _Rows, which: np.ndarray) -> _Rows:
