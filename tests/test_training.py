@@ -104,6 +104,32 @@ def test_reconstruction_loss_falls_towards_zero(base_dir, repetitive_data, tmp_p
     assert rows[-1]["recon_loss"] < 0.2 * rows[0]["recon_loss"], rows
 
 
+def test_reconstruction_loss_alone_goes_to_near_zero(base_dir, smollm2_tokenizer):
+    """Trained on its own, the reconstruction loss recovers every subtoken of real entries almost surely."""
+    import numpy as np
+
+    from hypervocab.codebook import CodebookBatch
+    from hypervocab.training.trainer import ReconstructionHead
+
+    torch.manual_seed(0)
+    model = HyperModel.from_base(transformers.AutoModelForCausalLM.from_pretrained(base_dir), smollm2_tokenizer,
+                                 config(base_dir, base_dir, base_dir).hyper)
+    text = (Path(__file__).parent.parent / "src" / "hypervocab" / "codec.py").read_text()[:6000]
+    ids = HyperTokenizer(smollm2_tokenizer, model.config)(text, return_tensors="pt")["input_ids"]
+    phrases = torch.as_tensor(np.unique(CodebookBatch.from_codes(model.codec, ids).phrases, axis=0))[:64]
+    assert len(phrases) == 64 and (phrases[:, 1] >= 0).all()
+    head = ReconstructionHead(model.embedding.base.weight.shape[1], model.codec.max_subtokens)
+    opt = torch.optim.Adam([*model.input_encoder.parameters(), *head.parameters()], lr=1e-2)
+    losses = []
+    for _ in range(150):
+        loss = head.loss(model.encode_inputs(phrases), phrases, model.embedding.base.weight.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[0] > 5 and losses[-1] < 0.05, losses[::10]
+
+
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "hypervocab.cli.main", "train", *args], env=env,
@@ -135,32 +161,68 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_curve(base_dir, repe
     assert a == b
 
 
-def test_two_processes_equal_one_process_with_twice_the_accumulation(base_dir, repetitive_data, tmp_path):
-    cfg = config(base_dir, repetitive_data, tmp_path / "x", max_steps=6, batch_size=2)
-    path = tmp_path / "run.json"
-    cfg.save(path)
-    one = run_cli(["--config", str(path), "--output-dir", str(tmp_path / "one"), "--grad-accum", "2"])
-    assert one.wait(600) == 0, one.stderr.read().decode()
+def two_processes(args: list[str], port: int, *, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run ``hypervocab train`` in 2 CPU processes (gloo) under torchrun or ``accelerate launch``."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                          "-m", "hypervocab.cli.main", "train", "--config", str(path), "--output-dir",
-                          str(tmp_path / "two")], env=env, capture_output=True, timeout=600)
-    assert two.returncode == 0, two.stderr.decode()[-3000:]
-    a = [r for r in metrics(tmp_path / "one") if "lm_loss" in r]
-    b = [r for r in metrics(tmp_path / "two") if "lm_loss" in r]
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    if launcher == "torchrun":
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    else:  # --multi_gpu is accelerate's name for "start N processes through torchrun's machinery", CPU or not
+        cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+               "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"]
+    return subprocess.run([sys.executable, *cmd, "-m", "hypervocab.cli.main", "train", *args],
+                          env=env, capture_output=True, timeout=600)
+
+
+def assert_same_curves(a_dir: Path, b_dir: Path, steps: int) -> None:
+    a = [r for r in metrics(a_dir) if "lm_loss" in r]
+    b = [r for r in metrics(b_dir) if "lm_loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
     for x, y in zip(a, b):
         for k in ("lm_loss", "recon_loss", "grad_norm", "codes_per_token"):
             assert abs(x[k] - y[k]) <= 1e-4 * max(1.0, abs(x[k])), (k, x, y)
 
 
+def test_two_processes_equal_one_process_with_twice_the_accumulation(base_dir, repetitive_data, tmp_path):
+    """DDP and FSDP (gloo, 2 processes; torchrun or accelerate launch) compute what one process computes with
+    twice the accumulation."""
+    cfg = config(base_dir, repetitive_data, tmp_path / "x", max_steps=6, batch_size=2, save_every=3)
+    path = tmp_path / "run.json"
+    cfg.save(path)
+    one = run_cli(["--config", str(path), "--output-dir", str(tmp_path / "one"), "--grad-accum", "2"])
+    assert one.wait(600) == 0, one.stderr.read().decode()
+    for i, (mode, launcher) in enumerate([("ddp", "torchrun"), ("fsdp", "torchrun"), ("ddp", "accelerate")]):
+        out = tmp_path / (mode if launcher == "torchrun" else launcher)
+        two = two_processes(["--config", str(path), "--output-dir", str(out), "--distributed", mode], 29517 + i,
+                            launcher=launcher)
+        assert two.returncode == 0, two.stderr.decode()[-3000:]
+        assert_same_curves(tmp_path / "one", out, 6)
+
+    # the sharded run saved whole weights: they load as an ordinary model and match the one-process run
+    a, b = (HyperModel.from_pretrained(tmp_path / d) for d in ("one", "fsdp"))
+    sa, sb = a.state_dict(), b.state_dict()
+    trained = [k for k in sa if "_encoder." in k or "lora_" in k]
+    assert trained and set(trained) <= set(sb)
+    for k in trained:
+        torch.testing.assert_close(sa[k], sb[k], atol=1e-4, rtol=1e-3)
+
+    # a sharded run resumes from its checkpoint to the same curve
+    resumed = tmp_path / "fsdp-resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.replace(tmp_path / "fsdp" / "checkpoints" / "step-0000003", resumed / "checkpoints" / "step-0000003")
+    (resumed / "metrics.jsonl").write_text((tmp_path / "fsdp" / "metrics.jsonl").read_text())
+    again = two_processes(["--config", str(path), "--output-dir", str(resumed), "--distributed", "fsdp"], 29520)
+    assert again.returncode == 0, again.stderr.decode()[-3000:]
+    assert_same_curves(tmp_path / "one", resumed, 6)
+
+
 def test_bad_configs_fail_before_any_compute(base_dir, repetitive_data, tmp_path):
     with pytest.raises(ConfigError) as e:
         TrainConfig(base_model=str(tmp_path / "nowhere"), data=[str(tmp_path / "missing"), {"path": str(
-            repetitive_data), "weight": 0}], output_dir=str(tmp_path / "o"), lr=-1, window=1)
+            repetitive_data), "weight": 0}], output_dir=str(tmp_path / "o"), lr=-1, window=1, distributed="zero3")
     message = str(e.value)
     for part in ["base_model", "data[0].path", "does not exist", "data[1].weight must be a number > 0, got 0",
-                 "lr must be a finite number > 0.0, got -1", "window must be an int >= 2, got 1"]:
+                 "lr must be a finite number > 0.0, got -1", "window must be an int >= 2, got 1",
+                 "distributed must be 'ddp' or 'fsdp', got 'zero3'"]:
         assert part in message
     with pytest.raises(ConfigError, match=re.escape("lora.target_modules=['attention_xyz'] does not fit this model")):
         train(config(base_dir, repetitive_data, tmp_path / "lora", lora={"target_modules": ["attention_xyz"]}))

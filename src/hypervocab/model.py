@@ -396,20 +396,31 @@ class HyperModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Save only what hypervocab adds: the config, the encoders and LoRA adapters (never the base weights)."""
+    def save_pretrained(self, directory: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Save only what hypervocab adds: the config, the encoders and LoRA adapters (never the base weights).
+
+        state_dict: this model's weights by parameter name, when the module's own are not whole (FSDP
+            shards gather them first); only the ``input_encoder.``/``output_encoder.`` entries and the LoRA
+            entries under ``base.`` are read.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        tensors = {f"input_encoder.{k}": v.detach().contiguous() for k, v in self.input_encoder.state_dict().items()}
-        if not self.config.tie_encoders:
-            tensors.update({f"output_encoder.{k}": v.detach().contiguous()
-                            for k, v in self.output_encoder.state_dict().items()})
+        names = ["input_encoder"] + ([] if self.config.tie_encoders else ["output_encoder"])
+        if state_dict is None:
+            tensors = {f"{n}.{k}": v for n in names for k, v in getattr(self, n).state_dict().items()}
+        else:
+            tensors = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in names}
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"hypervocab_version": self.config.hypervocab_version})
         if hasattr(self.base, "peft_config"):
-            self.base.save_pretrained(str(directory))
+            if state_dict is None:
+                self.base.save_pretrained(str(directory))
+            else:
+                self.base.save_pretrained(str(directory), state_dict={
+                    k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, base_model: nn.Module | None = None,

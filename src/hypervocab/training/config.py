@@ -112,6 +112,9 @@ class TrainConfig:
     micro-batch and process, grad_accum micro-batches per step, max_steps optimiser steps.
     Losses: next-code cross-entropy over ``V + C`` (EOS included), plus recon_weight times the
     reconstruction loss and next_hyper_weight times the next-is-hypertoken loss.
+    Processes (under ``torchrun`` / ``accelerate launch``): distributed ``"ddp"`` (every process holds
+    the whole model; gradients averaged) or ``"fsdp"`` (FSDP2: each decoder layer and the rest of the
+    model sharded across processes, for models that do not fit in one device).
     Output: output_dir (checkpoints every save_every steps, metrics.jsonl, the final model), log_every,
     eval_every (0: only at the end), eval_batches, resume (continue from the newest checkpoint).
     """
@@ -143,6 +146,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 8
     resume: bool = True
+    distributed: str = "ddp"
 
     def __post_init__(self) -> None:
         if isinstance(self.hyper, dict):
@@ -203,6 +207,8 @@ class TrainConfig:
                 out.append(f"{name} must be a finite number {'>=' if inclusive else '>'} {lo}, got {v!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 1:
             out.append(f"eval_fraction must be a number in [0, 1), got {self.eval_fraction!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            out.append(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if not isinstance(self.resume, bool):
             out.append(f"resume must be true or false, got {self.resume!r}")
         if isinstance(self.min_lr_ratio, (int, float)) and self.min_lr_ratio > 1:

@@ -5,7 +5,8 @@ a micro-batch reads depends only on (step, micro-batch, rank) through
 :class:`~hypervocab.training.data.MixtureOrder`, the auxiliary loss samples its
 entries from a generator seeded the same way, and a checkpoint holds every
 piece of state (weights, optimiser, scheduler, RNGs, step).  Processes average
-their gradients with one all-reduce per step (gloo on CPU, NCCL on GPUs), so
+their gradients with one all-reduce per step (gloo on CPU, NCCL on GPUs), or shard the model with
+FSDP2 and reduce-scatter them, so
 N processes with accumulation A compute what one process computes with N x A.
 """
 
@@ -169,17 +170,29 @@ def _checkpoints(output_dir: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("-")[1]))
 
 
-def _save_checkpoint(output_dir: Path, step: int, model: Any, aux: nn.ModuleDict, opt: Any, sched: Any,
-                     keep: int = 2) -> None:
+def _save_checkpoint(output_dir: Path, step: int, objective: _Objective, opt: Any, sched: Any, *,
+                     sharded: bool, rank: int, keep: int = 2) -> None:
+    """Write ``checkpoints/step-N`` atomically (rank 0 writes; under FSDP every process gathers first)."""
+    model, aux = objective.model, objective.aux
+    if sharded:
+        weights, optimizer = _full_trainable_state(objective, opt)
+    if rank != 0:
+        return
     root = output_dir / CHECKPOINTS
     tmp = root / f".tmp-step-{step:07d}"
     final = root / f"step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
-    torch.save({"aux": aux.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state()}}, tmp / "training_state.pt")
+    state: dict[str, Any] = {"scheduler": sched.state_dict(),
+                             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                     "torch": torch.get_rng_state()}}
+    if sharded:
+        model.save_pretrained(tmp / "model", state_dict=_unprefixed(weights, "model."))
+        state.update(sharded=weights, optimizer=optimizer)
+    else:
+        model.save_pretrained(tmp / "model")
+        state.update(aux=aux.state_dict(), optimizer=opt.state_dict())
+    torch.save(state, tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")  # written last: marks the folder complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # atomic: a killed run leaves either the old checkpoints or the new one
@@ -187,24 +200,34 @@ def _save_checkpoint(output_dir: Path, step: int, model: Any, aux: nn.ModuleDict
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, model: Any, aux: nn.ModuleDict, opt: Any, sched: Any) -> int:
+def _load_checkpoint(path: Path, objective: _Objective, opt: Any, sched: Any, *, sharded: bool) -> int:
+    """Restore everything :func:`_save_checkpoint` wrote; every process reads the files itself."""
     from safetensors.torch import load_file
 
     from ..model import WEIGHTS_NAME
 
-    tensors = load_file(str(path / "model" / WEIGHTS_NAME))
-    for name in ("input_encoder", "output_encoder"):
-        part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        if part:
-            getattr(model, name).load_state_dict(part)
-    adapter = path / "model" / "adapter_model.safetensors"
-    if adapter.is_file():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model.base, load_file(str(adapter)))
+    model, aux = objective.model, objective.aux
     state = torch.load(path / "training_state.pt", weights_only=False)
-    aux.load_state_dict(state["aux"])
-    opt.load_state_dict(state["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        whole = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(objective, state["sharded"], options=whole)
+        set_optimizer_state_dict(objective, opt, state["optimizer"], options=whole)
+    else:
+        tensors = load_file(str(path / "model" / WEIGHTS_NAME))
+        for name in ("input_encoder", "output_encoder"):
+            part = _unprefixed(tensors, name + ".")
+            if part:
+                getattr(model, name).load_state_dict(part)
+        adapter = path / "model" / "adapter_model.safetensors"
+        if adapter.is_file():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model.base, load_file(str(adapter)))
+        aux.load_state_dict(state["aux"])
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
@@ -262,6 +285,57 @@ def _micro_step(model: Any, aux: nn.ModuleDict, config: TrainConfig, batch: dict
     return loss, terms
 
 
+class _Objective(nn.Module):
+    """The model and the auxiliary heads as one module whose forward computes a micro-batch's losses.
+
+    FSDP gathers a unit's weights only inside that unit's forward, and the losses read weights outside
+    the decoder layers (the encoders, the embedding matrix, the aux heads): making the whole objective
+    the root unit keeps every read inside one forward.
+    """
+
+    def __init__(self, model: Any, aux: nn.ModuleDict, config: TrainConfig, device: torch.device) -> None:
+        super().__init__()
+        self.model, self.aux, self.config, self.device = model, aux, config, device
+
+    def forward(self, batch: dict[str, torch.Tensor],
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        if generator is None:  # evaluation: the next-code loss alone
+            out = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                             labels=batch["labels"].to(self.device))
+            return out.loss, {}
+        return _micro_step(self.model, self.aux, self.config, batch, generator, self.device)
+
+
+def _shard(objective: _Objective) -> None:
+    """FSDP2: every decoder layer is its own unit, the rest of the objective the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    # transformers names the blocks a model must not be split inside: its decoder layers
+    blocks = {name for m in objective.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    for module in list(objective.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(objective)
+
+
+def _full_trainable_state(objective: _Objective, opt: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable weights and the optimiser state of a sharded objective, whole, on rank 0's CPU.
+
+    A collective: every process calls it.  Frozen base weights are left out, so this stays small
+    however large the base model is.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return (get_model_state_dict(objective, options=whole),
+            get_optimizer_state_dict(objective, opt, options=whole))
+
+
+def _unprefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -307,6 +381,10 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     torch.manual_seed(config.seed)  # the aux heads start the same in every process
     aux = nn.ModuleDict({"recon": ReconstructionHead(D, model.codec.max_subtokens),
                          "next_hyper": NextHyperHead(model.head.base.weight.shape[1])}).to(device)
+    objective = _Objective(model, aux, config, device)
+    sharded = world > 1 and config.distributed == "fsdp"
+    if sharded:
+        _shard(objective)  # before the optimiser: FSDP replaces the parameters with their shards
     encoder_params = [p for n, p in model.named_parameters() if p.requires_grad and "_encoder." in n]
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "_encoder." not in n]
     groups = [{"params": encoder_params + list(aux.parameters()), "lr": config.encoder_lr}]
@@ -318,11 +396,11 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     step = 0
     done = _checkpoints(out_dir) if config.resume else []
     if done:
-        step = _load_checkpoint(done[-1], model, aux, opt, sched)
+        step = _load_checkpoint(done[-1], objective, opt, sched, sharded=sharded)
     metrics_path = out_dir / METRICS
     if rank == 0:
         _truncate_metrics(metrics_path, step)
-    model.train()
+    objective.train()
     per_step = config.batch_size * config.grad_accum * world
     bar = None
     if show:
@@ -339,14 +417,14 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
             idx = order.indices(start, config.batch_size)
             # seeded by the global micro-batch index: N processes draw what one process with N x A draws
             gen = torch.Generator().manual_seed(hash((config.seed, step, micro * world + rank)) & 0x7FFFFFFF)
-            loss, terms = _micro_step(model, aux, config, train_set.batch(idx), gen, device)
+            loss, terms = objective(train_set.batch(idx), gen)
             (loss / config.grad_accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v
             base_tokens += int(train_set.base_tokens[idx].sum())
             codes += int(train_set.n_codes[idx].sum())
         if world > 1:
-            for p in trainable:
+            for p in ([] if sharded else trainable):  # FSDP has reduce-scattered its gradients already
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
@@ -357,7 +435,8 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
             values = packed.tolist()
             totals = dict(zip(sorted(totals), values[:-2]))
             base_tokens, codes = int(values[-2]), int(values[-1])
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         lrs = [g["lr"] for g in opt.param_groups]
         opt.step()
         sched.step()
@@ -378,22 +457,22 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
-            _log_eval(model, aux, config, eval_set, step, metrics_path, rank, device)
+            _log_eval(objective, config, eval_set, step, metrics_path, rank)
         if config.save_every and step % config.save_every == 0 and step < config.max_steps:
             if world > 1:
                 torch.distributed.barrier()
-            if rank == 0:
-                _save_checkpoint(out_dir, step, model, aux, opt, sched)
+            _save_checkpoint(out_dir, step, objective, opt, sched, sharded=sharded, rank=rank)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['base_tokens_per_s']:.0f}",
                             codes_tok=f"{record['codes_per_token']:.2f}")
     if bar is not None:
         bar.close()
-    eval_loss = _log_eval(model, aux, config, eval_set, step, metrics_path, rank, device)
+    eval_loss = _log_eval(objective, config, eval_set, step, metrics_path, rank)
+    weights = _full_trainable_state(objective, opt)[0] if sharded else None
     if rank == 0:
         model.eval()
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, state_dict=None if weights is None else _unprefixed(weights, "model."))
         htok.tokenizer.save_pretrained(str(out_dir))
     if world > 1:
         torch.distributed.barrier()
@@ -409,23 +488,22 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _log_eval(model: Any, aux: nn.ModuleDict, config: TrainConfig, eval_set: Any, step: int, path: Path, rank: int,
-              device: torch.device) -> float | None:
+def _log_eval(objective: _Objective, config: TrainConfig, eval_set: Any, step: int, path: Path,
+              rank: int) -> float | None:
     if len(eval_set) == 0:
         return None
-    was = model.training
-    model.eval()
+    was = objective.training
+    objective.eval()
     losses, weights = [], []
     with torch.no_grad():
         n = min(len(eval_set), config.eval_batches * config.batch_size)
         for s in range(0, n, config.batch_size):
             batch = eval_set.batch(np.arange(s, min(n, s + config.batch_size)))
-            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                        labels=batch["labels"].to(device))
+            loss, _ = objective(batch)
             w = float((batch["labels"][:, 1:] != -100).sum())
-            losses.append(float(out.loss) * w)
+            losses.append(float(loss) * w)
             weights.append(w)
-    model.train(was)
+    objective.train(was)
     loss = sum(losses) / max(sum(weights), 1.0)
     if rank == 0:
         with open(path, "a") as f:
