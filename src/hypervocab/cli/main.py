@@ -4,6 +4,7 @@
 * ``hypervocab generate --model PATH_OR_NAME "prompt"``: generate with hypertokens coloured.
 * ``hypervocab train --config RUN.yaml [--FIELD VALUE ...]``: uptrain a model.
 * ``hypervocab plot RUN_DIR``: draw a training run's curves.
+* ``hypervocab eval compression|bpb|speed|lm-eval ...``: what the model gains and loses (see ``cli/evaluate.py``).
 """
 
 from __future__ import annotations
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--color", action="store_true", help="colour even when stdout is not a terminal")
     g.set_defaults(func=_generate)
     _add_train_parser(sub)
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

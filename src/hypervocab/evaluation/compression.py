@@ -19,7 +19,8 @@ import numpy as np
 from ..codec import LZWCodec
 from ..errors import ConfigError
 
-__all__ = ["CompressionRow", "compression_report", "format_markdown", "collect_files"]
+__all__ = ["CompressionRow", "GenerationRow", "compression_report", "generation_compression", "format_markdown",
+           "format_generation_markdown", "collect_files"]
 
 
 @dataclass
@@ -162,4 +163,72 @@ def format_markdown(rows: Sequence[CompressionRow]) -> str:
     for r in rows:
         lines.append(f"| {r.path} | {r.files:,} | {r.bytes:,} | {r.tokens:,} | {r.bytes_per_token:.2f} | "
                      f"{r.codes:,} | {r.bytes_per_code:.2f} | {r.codes_per_token:.3f} | {r.hypertoken_share:.1%} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class GenerationRow:
+    """What a model's own greedy continuations of one domain's prompts cost: codes emitted per base token."""
+
+    domain: str
+    prompts: int
+    codes: int
+    base_tokens: int
+    hypertokens: int
+
+    @property
+    def base_tokens_per_code(self) -> float:
+        return self.base_tokens / self.codes if self.codes else 0.0
+
+    @property
+    def hypertoken_share(self) -> float:
+        return self.hypertokens / self.codes if self.codes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(base_tokens_per_code=self.base_tokens_per_code, hypertoken_share=self.hypertoken_share)
+        return d
+
+
+def generation_compression(model: Any, tokenizer: Any, prompts: dict[str, Sequence[str]], *,
+                           max_new_tokens: int = 128, progress: bool = False) -> list[GenerationRow]:
+    """Greedy continuations of each domain's prompts: how many base tokens each emitted code stands for.
+
+    ``prompts`` maps a domain name to its prompt texts; ``tokenizer`` is the base (Hugging Face)
+    tokenizer.  End of sequence is disabled so every continuation is ``max_new_tokens`` codes long.
+    """
+    import torch
+
+    from ..tokenizer import HyperTokenizer
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    htok = HyperTokenizer(tokenizer, model.config)
+    rows = []
+    bar = _progress(sum(map(len, prompts.values())), progress)
+    for domain, texts in prompts.items():
+        row = GenerationRow(domain, 0, 0, 0, 0)
+        for text in texts:
+            enc = htok(text, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                     eos_token_id=[], return_dict_in_generate=True)
+            st = out.stats[0]
+            row.prompts += 1
+            row.codes += st.codes
+            row.base_tokens += st.base_tokens
+            row.hypertokens += st.hypertokens
+            bar.update(1)
+        rows.append(row)
+    bar.close()
+    return rows
+
+
+def format_generation_markdown(rows: Sequence[GenerationRow]) -> str:
+    """Generation rows as a Markdown table."""
+    lines = ["| domain | prompts | codes emitted | base tokens | base tokens per code | hypertoken share |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r.domain} | {r.prompts} | {r.codes:,} | {r.base_tokens:,} | {r.base_tokens_per_code:.3f} | "
+                     f"{r.hypertoken_share:.1%} |")
     return "\n".join(lines)
