@@ -8,6 +8,8 @@ phrases the LZW codebook holds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,19 @@ class HyperModel(nn.Module):
             raise ImportError("LoRA needs peft: pip install 'hypervocab[model]'") from None
         self.base = get_peft_model(self.base, lora_config)
         return self
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block ``self.base`` is the plain base model: LoRA off (nothing to do without LoRA).
+
+        ``self.base`` then reads and scores base ids exactly like the original model, which is what the
+        comparisons against the base model (bits per byte, speed) run.
+        """
+        if hasattr(self.base, "peft_config") and hasattr(self.base, "disable_adapter"):
+            with self.base.disable_adapter():
+                yield
+        else:
+            yield
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

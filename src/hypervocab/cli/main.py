@@ -1,5 +1,6 @@
 """``hypervocab`` command line.
 
+* ``hypervocab demo``: the shipped model on three prompts, against its base model.
 * ``hypervocab compress PATH... --tokenizer NAME_OR_DIR``: how much text shrinks.
 * ``hypervocab generate --model PATH_OR_NAME "prompt"``: generate with hypertokens coloured.
 * ``hypervocab train --config RUN.yaml [--FIELD VALUE ...]``: uptrain a model.
@@ -255,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--color", action="store_true", help="colour even when stdout is not a terminal")
     g.set_defaults(func=_generate)
     _add_train_parser(sub)
+    from .demo import add_demo_parser
     from .evaluate import add_eval_parser
 
     add_eval_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -15,8 +15,7 @@ with the LoRA adapter switched off when the model has one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -99,13 +98,6 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
-@contextmanager
-def _adapter_off(model: Any) -> Iterator[None]:
-    base = model.base
-    with base.disable_adapter() if hasattr(base, "disable_adapter") and hasattr(base, "peft_config") else nullcontext():
-        yield
-
-
 def _score(logits: torch.Tensor, targets: torch.Tensor) -> Continuation:
     """logits ``[T, N]`` predicting targets ``[T]``."""
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -133,7 +125,7 @@ def continuation_logprob(model: Any, context: Sequence[int], target: Sequence[in
     device = next(model.parameters()).device
     if base:
         ids = torch.tensor([context + target], device=device)
-        with _adapter_off(model):
+        with model.disable_adapter():
             logits = model.base(input_ids=ids, logits_to_keep=len(target) + 1).logits[0, :-1]
         return _score(logits, ids[0, len(context):])
     codec = model.codec

