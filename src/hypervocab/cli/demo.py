@@ -58,7 +58,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.model:
         from .main import load_model
 
-        model, htok = load_model(args.model)
+        model, htok = load_model(args.model, base_model=args.base_model)
     else:
         model, htok = load_default(base_model=args.base_model)
     tok = htok.tokenizer

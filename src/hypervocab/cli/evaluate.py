@@ -100,7 +100,7 @@ def _compression(args: argparse.Namespace) -> int:
     model = htok = None
     if args.model:
         model, htok = load_model(args.model, max_codebook_size=args.max_codebook_size,
-                                 max_subtokens=args.max_subtokens)
+                                 max_subtokens=args.max_subtokens, base_model=args.base_model)
     measured = [(name, load_tokenizer(name), None) for name in args.tokenizer or []]
     if model is not None:
         measured.append((args.model, htok.tokenizer, model.codec))
@@ -155,7 +155,7 @@ def _bpb(args: argparse.Namespace) -> int:
     empty = [name for name, t in texts.items() if not t]
     if empty:
         raise ConfigError(f"no UTF-8 text found for domain(s) {', '.join(empty)} (check the path and --glob)")
-    model, htok = load_model(args.model)
+    model, htok = load_model(args.model, base_model=args.base_model)
     rows = bits_per_byte_report(model, htok.tokenizer, texts, window=args.window, stride=args.stride,
                                 progress=sys.stderr.isatty())
     settings = {"model": args.model, "base_model": model.config.base_model_name_or_path, "window": args.window,
@@ -186,6 +186,8 @@ def add_eval_parser(sub: Any) -> None:
     es = e.add_subparsers(dest="eval_command", required=True)
 
     def common(p: argparse.ArgumentParser, *, files: bool = True) -> None:
+        p.add_argument("--base-model", default=None, help="the base model's folder or hub id, instead of the one "
+                       "the checkpoint names")
         if files:
             p.add_argument("--glob", action="append", default=None, help="files inside folders, e.g. '*.py'; "
                            "repeatable (default: all text files)")
@@ -201,7 +203,8 @@ def add_eval_parser(sub: Any) -> None:
     c.add_argument("domains", nargs="+", metavar="DOMAIN", help="PATH or NAME=PATH (file or folder)")
     c.add_argument("--tokenizer", action="append", default=None, help="a tokenizer (hub name, folder or .gguf); "
                    "repeatable")
-    c.add_argument("--model", default=None, help="a hypervocab checkpoint: its tokenizer and codec are measured too")
+    c.add_argument("--model", default=None, help="a hypervocab checkpoint ('default': the shipped one): its tokenizer "
+                   "and codec are measured too")
     c.add_argument("--generate", type=int, default=None, metavar="N",
                    help="with --model: continue the first N files of each domain and measure the output")
     c.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in base tokens (default 256)")
@@ -218,7 +221,7 @@ def add_eval_parser(sub: Any) -> None:
                       "(LoRA off) on exactly the same bytes: each text in sliding windows of base tokens, every "
                       "token scored once; the hypervocab model is scored strictly on the canonical codes.")
     b.add_argument("domains", nargs="+", metavar="DOMAIN", help="PATH or NAME=PATH (file or folder)")
-    b.add_argument("--model", required=True, help="a hypervocab checkpoint folder")
+    b.add_argument("--model", required=True, help="a hypervocab checkpoint folder ('default': the shipped one)")
     b.add_argument("--window", type=int, default=1024, help="window in base tokens (default 1024)")
     b.add_argument("--stride", type=int, default=512, help="new tokens scored per window (default 512)")
     b.add_argument("--max-bytes", type=int, default=200_000, help="text per domain, in bytes (default 200000)")

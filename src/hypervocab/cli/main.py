@@ -42,27 +42,36 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def load_model(name_or_path: str, *, max_codebook_size: int = 2048, max_subtokens: int = 4,
-               dtype: str = "float32") -> tuple[object, object]:
+               dtype: str = "float32", base_model: str | None = None) -> tuple[object, object]:
     """A :class:`HyperModel` and :class:`HyperTokenizer` from a hypervocab checkpoint or a plain causal LM.
 
-    A folder with ``hypervocab_config.json`` is a hypervocab checkpoint (its base model comes from the
-    name it records); anything else is loaded as a Hugging Face causal LM and wrapped with fresh
+    ``"default"`` (or a shipped model's name) is the model shipped in the package.  A folder with
+    ``hypervocab_config.json`` is a hypervocab checkpoint (its base model comes from ``base_model`` or
+    the name it records); anything else is loaded as a Hugging Face causal LM and wrapped with fresh
     (untrained) hyper-encoders.
     """
     from pathlib import Path
 
     from ..config import CONFIG_NAME, HyperConfig
     from ..model import HyperModel
+    from ..pretrained import DEFAULT_MODEL, load_default
     from ..tokenizer import HyperTokenizer, load_tokenizer
 
     import torch
 
     torch_dtype = getattr(torch, dtype)
+    if name_or_path in ("default", DEFAULT_MODEL):
+        return load_default(base_model=base_model, dtype=torch_dtype)
     path = Path(name_or_path)
     if (path / CONFIG_NAME).is_file():
-        model = HyperModel.from_pretrained(path, dtype=torch_dtype)
+        kwargs = {}
+        if base_model is not None:
+            from transformers import AutoModelForCausalLM
+
+            kwargs["base_model"] = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch_dtype)
+        model = HyperModel.from_pretrained(path, dtype=torch_dtype, **kwargs)
         has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-        tok = load_tokenizer(str(path) if has_tokenizer else model.config.base_model_name_or_path)
+        tok = load_tokenizer(str(path) if has_tokenizer else base_model or model.config.base_model_name_or_path)
         return model.eval(), HyperTokenizer(tok, model.config)
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ..generation import HyperTextStreamer
 
     model, htok = load_model(args.model, max_codebook_size=args.max_codebook_size, max_subtokens=args.max_subtokens,
-                             dtype=args.dtype)
+                             dtype=args.dtype, base_model=args.base_model)
     tok = htok.tokenizer
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     special = True
@@ -238,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "Hugging Face causal LM (wrapped with untrained encoders). Text written by hypertokens is "
                        "coloured; a stats line on stderr reports codes, base tokens and speed.")
     g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
-    g.add_argument("--model", required=True, help="a hypervocab checkpoint folder, or a Hugging Face model name/folder")
+    g.add_argument("--model", default="default", help="a hypervocab checkpoint folder, a Hugging Face model name/folder, "
+                   "or 'default' (the shipped model, the default)")
+    g.add_argument("--base-model", default=None, help="the base model's folder or hub id, instead of the one the "
+                   "checkpoint names")
     g.add_argument("--max-new-tokens", type=int, default=128, help="codes to generate at most (default 128)")
     g.add_argument("--max-new-base-tokens", type=int, default=None, help="base tokens to generate at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sample")
