@@ -155,6 +155,20 @@ def test_eval_bpb_and_generated_compression_commands(checkpoint, tmp_path, smoll
     assert report["rows"][0]["files"] == 2
 
 
+def test_eval_speed_command(checkpoint, tmp_path):
+    src = ROOT / "src" / "hypervocab"
+    out = tmp_path / "out"
+    assert main(["eval", "speed", "--edit", str(src / "positions.py"), "--document", str(ROOT / "README.md"),
+                 "--free", str(src / "errors.py"), "--model", str(checkpoint), "--max-prompt-tokens", "200",
+                 "--max-new-tokens", "8", "--repeats", "1", "--out", str(out), "--plot"]) == 0
+    report = json.loads((out / "speed.json").read_text())
+    assert sorted((r["workload"], r["system"]) for r in report["rows"]) == sorted(
+        (w, s) for w in ("edit", "document", "free") for s in ("base", "hypervocab", "prompt_lookup"))
+    assert report["settings"]["model"] == str(checkpoint)
+    assert (out / "speed.md").read_text().count("\n| ") >= 9
+    assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_eval_commands_reject_bad_input(checkpoint, tmp_path, capsys):
     assert main(["eval", "bpb", str(tmp_path / "nowhere"), "--model", str(checkpoint)]) == 2
     assert "does not exist (give PATH or NAME=PATH, a file or folder)" in capsys.readouterr().err
@@ -162,3 +176,5 @@ def test_eval_commands_reject_bad_input(checkpoint, tmp_path, capsys):
     assert "eval compression needs --tokenizer (repeatable) or --model" in capsys.readouterr().err
     assert main(["eval", "bpb", str(ROOT / "README.md"), "--model", str(checkpoint), "--max-bytes", "0"]) == 2
     assert "--max-bytes must be an int >= 1, got 0" in capsys.readouterr().err
+    assert main(["eval", "speed", "--model", str(checkpoint)]) == 2
+    assert "eval speed needs files for at least one workload: --edit, --document or --free" in capsys.readouterr().err

@@ -171,6 +171,29 @@ def _bpb(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ speed
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from ..evaluation.speed import speed_report
+    from .main import load_model
+
+    files = {w: getattr(args, w) for w in ("edit", "document", "free") if getattr(args, w)}
+    if not files:
+        raise ConfigError("eval speed needs files for at least one workload: --edit, --document or --free")
+    model, htok = load_model(args.model, base_model=args.base_model)
+    result = speed_report(model.eval(), htok.tokenizer, files, max_prompt_tokens=args.max_prompt_tokens,
+                          max_new_base_tokens=args.max_new_tokens,
+                          prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, repeats=args.repeats,
+                          progress=sys.stderr.isatty())
+    payload = result.to_dict()
+    payload["settings"] = {**payload.get("settings", {}), "model": args.model}
+    out = _write(args.out, "speed", payload, result.to_markdown())
+    if args.plot:
+        print(f"wrote {result.plot(out / 'speed.png')}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ lm-eval
 
 
@@ -227,6 +250,26 @@ def add_eval_parser(sub: Any) -> None:
     b.add_argument("--max-bytes", type=int, default=200_000, help="text per domain, in bytes (default 200000)")
     common(b)
     b.set_defaults(func=_bpb)
+
+    sp = es.add_parser("speed", help="prefill/decode speed: base, hypervocab, prompt lookup decoding",
+                       description="Time to first token, prefill and decode throughput in base tokens per second "
+                       "of the base model (Hugging Face greedy), the hypervocab model, and the base model with "
+                       "prompt lookup decoding, on the same prompts of three workloads built from your files: "
+                       "editing a code file, answering from a document, free continuation. Medians of --repeats "
+                       "runs, the systems taking turns.")
+    sp.add_argument("--edit", action="append", default=[], metavar="FILE", help="a code file to edit; repeatable")
+    sp.add_argument("--document", action="append", default=[], metavar="FILE",
+                    help="a document to answer from; repeatable")
+    sp.add_argument("--free", action="append", default=[], metavar="FILE", help="a file to continue; repeatable")
+    sp.add_argument("--model", required=True, help="a hypervocab checkpoint folder ('default': the shipped one)")
+    sp.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt length cap in base tokens "
+                    "(default 1024)")
+    sp.add_argument("--max-new-tokens", type=int, default=128, help="base tokens every system writes (default 128)")
+    sp.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's candidate length "
+                    "(default 10)")
+    sp.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and system (default 3)")
+    common(sp, files=False)
+    sp.set_defaults(func=_speed)
 
     h = es.add_parser("lm-eval", help="lm-evaluation-harness with --model hypervocab", add_help=False,
                       description="Runs lm-eval's own command line with the hypervocab model type registered; "

@@ -1,0 +1,675 @@
+"""Generation speed on three workloads: where hypervocab wins and where prompt lookup decoding wins.
+
+The same prompts, built from real files, go to three systems:
+
+``base``
+    the base model as Hugging Face built it (LoRA adapter off, hypervocab's embedding and head wrappers
+    taken out for the call), Hugging Face ``generate``, greedy;
+``hypervocab``
+    the :class:`~hypervocab.HyperModel` with its own :meth:`~hypervocab.HyperModel.generate`, greedy,
+    reading the LZW compression of the same base tokens;
+``prompt_lookup``
+    the same plain base model with Hugging Face prompt lookup decoding
+    (``prompt_lookup_num_tokens``): candidate continuations are copied from the context and verified
+    in one forward pass.
+
+and three workloads:
+
+``edit``
+    a code file given in full with an instruction to return it with one small change (a function
+    renamed): the answer mostly copies the input, prompt lookup decoding's best case;
+``document``
+    a document followed by a question about it (answered by quoting it);
+``free``
+    the first part of a file, to be continued: little to copy.
+
+Every system writes exactly ``max_new_base_tokens`` base tokens: end-of-sequence tokens are *ignored*
+(no system stops on them, none is kept from writing them), so the three do the same amount of work.
+Times come from a streamer that notes ``time.perf_counter()`` at each ``put``: both ``generate``
+implementations put the prompt first, then each new chunk of base tokens (one token for greedy
+Hugging Face, every accepted token of a verification step for prompt lookup, the base tokens of one
+code for hypervocab).  From those:
+
+* time to first token (TTFT): the call's start to the first new chunk;
+* prefill throughput: prompt base tokens / TTFT (hypervocab reads fewer codes for the same tokens);
+* decode throughput: base tokens written after the first chunk / time from the first chunk to the last;
+* total: the whole call, start to return.
+
+Each prompt runs ``repeats`` times per system, the systems taking turns (the order rotates every
+repeat), so that the machine's drift hits all three alike; rows report medians over every run of a
+workload.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, InputTypeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import HyperModel
+
+__all__ = ["SYSTEMS", "WORKLOADS", "SpeedPrompt", "SpeedResult", "SpeedRow", "SpeedRun", "build_prompt",
+           "speed_report"]
+
+WORKLOADS: tuple[str, ...] = ("edit", "document", "free")
+SYSTEMS: tuple[str, ...] = ("base", "hypervocab", "prompt_lookup")
+LABELS = {"base": "base (HF greedy)", "hypervocab": "hypervocab (greedy)", "prompt_lookup": "HF prompt lookup"}
+
+# the question of the "document" workload: quoting invites copying, as retrieval-augmented answers do
+DOCUMENT_QUESTION = "What are the main points of the document above? Quote its key sentences word for word."
+_LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".rs": "rust", ".go": "go", ".c": "c",
+              ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".java": "java", ".rb": "ruby", ".sh": "bash", ".md": "markdown"}
+# a function definition in the languages above: the "edit" workload renames the first one it finds
+_FUNCTION = re.compile(r"^[ \t]*(?:pub[ \t]+)?(?:async[ \t]+)?(?:def|function|func|fn)[ \t]+([A-Za-z_]\w*)[ \t]*[(<]",
+                       re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class SpeedPrompt:
+    """One prompt: where its text came from and what each system reads.
+
+    tokens: base tokens of the whole prompt (template and instruction included); codes: its length
+    once compressed (what hypervocab reads); truncated: the file was cut to fit ``max_prompt_tokens``;
+    outputs: per system, the new base tokens its first run wrote (``tokenizer.decode`` them to read).
+    """
+
+    workload: str
+    source: str
+    tokens: int
+    codes: int
+    truncated: bool
+    chat: bool
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class SpeedRun:
+    """One timed ``generate`` call.
+
+    new_tokens: base tokens written; first_tokens: how many came with the first chunk; steps: chunks
+    (one per forward pass that wrote something: tokens for greedy, verification steps for prompt
+    lookup, codes for hypervocab); ttft_s / decode_s / total_s: see the module docstring;
+    prompt_codes, hypertokens: hypervocab only; matches_base: leading new tokens identical to the base
+    system's on the same prompt (first repeat only, else ``None``).
+    """
+
+    workload: str
+    system: str
+    source: str
+    repeat: int
+    prompt_tokens: int
+    new_tokens: int
+    first_tokens: int
+    steps: int
+    ttft_s: float
+    decode_s: float
+    total_s: float
+    prompt_codes: int | None = None
+    hypertokens: int | None = None
+    matches_base: int | None = None
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else math.inf
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Base tokens per second after the first chunk; ``None`` when the first chunk held every token."""
+        n = self.new_tokens - self.first_tokens
+        if n <= 0:
+            return None
+        return n / self.decode_s if self.decode_s > 0 else math.inf
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(prefill_tokens_per_s=self.prefill_tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
+                 total_tokens_per_s=self.total_tokens_per_s)
+        return d
+
+
+@dataclass
+class SpeedRow:
+    """One workload x system: medians over every run of every prompt of the workload.
+
+    decode_speedup / total_speedup: decode throughput and whole-call time against the ``base`` row of the
+    same workload (``None`` without one).  same_as_base: median share of the new tokens that equal the
+    base system's, counted from the start up to the first difference (1.0: the same text).  codes,
+    base_tokens_per_code, hypertokens, prompt_codes: hypervocab only.
+    """
+
+    workload: str
+    system: str
+    runs: int
+    prompt_tokens: float
+    new_tokens: float
+    prefill_tokens_per_s: float
+    ttft_s: float
+    decode_tokens_per_s: float | None
+    total_s: float
+    total_tokens_per_s: float
+    tokens_per_step: float
+    same_as_base: float | None = None
+    decode_speedup: float | None = None
+    total_speedup: float | None = None
+    prompt_codes: float | None = None
+    codes: float | None = None
+    base_tokens_per_code: float | None = None
+    hypertokens: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SpeedResult:
+    """What :func:`speed_report` measured: one :class:`SpeedRow` per workload x system, and every run."""
+
+    rows: list[SpeedRow]
+    runs: list[SpeedRun]
+    prompts: list[SpeedPrompt]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, workload: str, system: str) -> SpeedRow:
+        """The row of ``workload`` and ``system``."""
+        for r in self.rows:
+            if r.workload == workload and r.system == system:
+                return r
+        raise KeyError((workload, system))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-able (undefined numbers are ``None``, never NaN)."""
+        return {"settings": dict(self.settings), "rows": [r.to_dict() for r in self.rows],
+                "prompts": [asdict(p) for p in self.prompts], "runs": [r.to_dict() for r in self.runs]}
+
+    def to_markdown(self) -> str:
+        """A table: one line per workload x system, speed-ups against the base system of the workload."""
+        s = self.settings
+        intro = (f"Medians of {s.get('repeats', '?')} runs per prompt; every system writes "
+                 f"{s.get('max_new_base_tokens', '?')} base tokens (end-of-sequence ignored), greedy; prompt lookup "
+                 f"proposes {s.get('prompt_lookup_num_tokens', '?')} tokens.  Decode = base tokens after the first new "
+                 "chunk per second; speed-ups are against `base` on the same workload.")
+        header = ("| workload | system | prompt tokens | prefill tok/s | TTFT (s) | decode tok/s | decode speed-up | "
+                  "total (s) | end-to-end speed-up | tokens/step | same as base |")
+        lines = [intro, "", header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in self.rows:
+            prompt = f"{r.prompt_tokens:.0f}" + (f" ({r.prompt_codes:.0f} codes)" if r.prompt_codes is not None else "")
+            cells = [r.workload, r.system, prompt, _fmt(r.prefill_tokens_per_s, ".1f"), _fmt(r.ttft_s, ".3f"),
+                     _fmt(r.decode_tokens_per_s, ".1f"), _fmt(r.decode_speedup, ".2f", "x"), _fmt(r.total_s, ".3f"),
+                     _fmt(r.total_speedup, ".2f", "x"), _fmt(r.tokens_per_step, ".2f"), _fmt(r.same_as_base, ".0%")]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def plot(self, path: str | PathLike[str]) -> Path:
+        """Write a PNG bar chart of decode throughput per workload, one bar per system; returns its path."""
+        try:
+            # the Agg canvas directly, not pyplot: no GUI backend, and the caller's pyplot state is left alone
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("plotting needs matplotlib: pip install 'hypervocab[train]'") from None
+        workloads = list(dict.fromkeys(r.workload for r in self.rows))
+        systems = [s for s in SYSTEMS if any(r.system == s for r in self.rows)]
+        fig = Figure(figsize=(1.2 + 2.2 * len(workloads), 4.2))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        width = 0.8 / max(len(systems), 1)
+        for i, system in enumerate(systems):
+            rows = [next((r for r in self.rows if r.workload == w and r.system == system), None) for w in workloads]
+            values = [(r.decode_tokens_per_s or 0.0) if r is not None else 0.0 for r in rows]
+            xs = [k + (i - (len(systems) - 1) / 2) * width for k in range(len(workloads))]
+            bars = ax.bar(xs, values, width, label=LABELS.get(system, system))
+            ax.bar_label(bars, labels=["" if r is None or r.decode_speedup is None else f"{r.decode_speedup:.2f}x"
+                                       for r in rows], fontsize=7)
+        ax.set_xticks(range(len(workloads)), workloads)
+        ax.set_ylabel("decode throughput (base tokens/s)")
+        ax.set_title(f"{self.settings.get('model', 'model')}: decode speed (labels: vs base)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out, dpi=110, format="png")
+        return out
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def _edit_instruction(code: str) -> str:
+    """Rename the first function defined in ``code`` (a change of a few tokens in a long answer)."""
+    names = [n for n in _FUNCTION.findall(code) if not (n.startswith("__") and n.endswith("__"))]
+    if names:
+        return f"Rename the function `{names[0]}` to `{names[0]}_v2`, everywhere it appears in this file."
+    return "Add a one-line comment at the top of this file that says what the file is for."
+
+
+def _render(workload: str, content: str, tokenizer: Any, *, chat: bool, language: str) -> list[int]:
+    """Base token ids of the whole prompt of ``workload`` around ``content``."""
+    if workload == "edit":
+        code = f"```{language}\n{content.rstrip()}\n```"
+        if chat:
+            user = (f"{_edit_instruction(content)} Reply with the whole file, changed, in one code block, and nothing "
+                    f"else.\n\n{code}")
+        else:  # a base model continues text: open the answer's code block for it
+            text = f"{_edit_instruction(content)}\n\n{code}\n\nThe same file with that change:\n\n```{language}\n"
+    elif workload == "document":
+        user = f"{content.rstrip()}\n\n{DOCUMENT_QUESTION}"
+        text = f"{content.rstrip()}\n\nQuestion: {DOCUMENT_QUESTION}\nAnswer:"
+    else:
+        user = f"Continue this text from where it stops, without repeating it.\n\n{content}"
+        text = content
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                             tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template holds them already
+    return list(tokenizer(text)["input_ids"])
+
+
+def build_prompt(workload: str, text: str, tokenizer: Any, *, max_prompt_tokens: int, chat: bool,
+                 language: str = "") -> tuple[list[int], bool]:
+    """The base token ids of one prompt of ``workload`` made from ``text``, and whether ``text`` was cut.
+
+    The text is cut (never the instruction or the template) so that the whole prompt holds at most
+    ``max_prompt_tokens`` base tokens; ``edit`` and ``document`` texts are cut at a line end.  ``chat``
+    wraps the prompt in the tokenizer's chat template as one user turn; ``language`` names the code
+    block of ``edit`` prompts (``"python"``).
+    """
+    _check_name("workload", workload, WORKLOADS)
+    _check_size("max_prompt_tokens", max_prompt_tokens, 1)
+    ids = _render(workload, text, tokenizer, chat=chat, language=language)
+    if len(ids) <= max_prompt_tokens:
+        return ids, False
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max_prompt_tokens - (len(ids) - len(body))  # what the wrapper leaves, estimated; corrected below
+    for _ in range(32):
+        if keep < 1:
+            break
+        cut = tokenizer.decode(body[:keep])
+        nl = cut.rfind("\n")
+        if workload != "free" and nl > len(cut) // 2:
+            cut = cut[: nl + 1]  # whole lines: a file cut mid-line reads as broken code
+        ids = _render(workload, cut, tokenizer, chat=chat, language=language)
+        if len(ids) <= max_prompt_tokens:
+            return ids, True
+        keep -= len(ids) - max_prompt_tokens  # token boundaries moved when the text was cut: try again shorter
+    floor = len(_render(workload, "", tokenizer, chat=chat, language=language)) + 1
+    raise ConfigError(f"max_prompt_tokens must be at least {floor} for the {workload!r} workload (its instruction "
+                      f"and template take {floor - 1} base tokens), got {max_prompt_tokens}")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check_size(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_name(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _file_lists(files: Any) -> dict[str, list[Path]]:
+    """``{workload: [paths]}`` from the caller's mapping, checked: known workloads, existing text files."""
+    if not isinstance(files, Mapping):
+        raise InputTypeError(f"files must be a mapping of workload name to file path(s), got {type(files).__name__}")
+    if not files:
+        raise ConfigError(f"files must name at least one workload of {', '.join(map(repr, WORKLOADS))}, got {{}}")
+    out: dict[str, list[Path]] = {}
+    for workload in files:
+        if workload not in WORKLOADS:
+            raise ConfigError(f"files has an unknown workload {workload!r}: the workloads are "
+                              f"{', '.join(map(repr, WORKLOADS))}")
+    for workload in WORKLOADS:  # a fixed order, whatever the mapping's
+        if workload not in files:
+            continue
+        given = files[workload]
+        paths = [given] if isinstance(given, (str, PathLike)) else list(given) if isinstance(given, Sequence) else None
+        if not paths or not all(isinstance(p, (str, PathLike)) for p in paths):
+            raise ConfigError(f"files[{workload!r}] must be a file path or a non-empty list of them, got {given!r}")
+        for p in paths:
+            if not Path(p).is_file():
+                raise ConfigError(f"files[{workload!r}] holds {str(p)!r}, which is not a file: give existing text "
+                                  "files")
+        out[workload] = [Path(p) for p in paths]
+    return out
+
+
+def _read(workload: str, path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8") if b"\0" not in data[:8192] else None
+    except UnicodeDecodeError:
+        text = None
+    if text is None:
+        raise ConfigError(f"files[{workload!r}] holds {str(path)!r}, which is not UTF-8 text: give text files")
+    if not text.strip():
+        raise ConfigError(f"files[{workload!r}] holds {str(path)!r}, which is empty: give files with some text")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class _Clock:
+    """A streamer that notes ``time.perf_counter()`` as each chunk of new base tokens arrives.
+
+    The first ``put`` is the prompt (both ``generate`` implementations start with it) and is skipped.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.sizes: list[int] = []
+        self.tokens: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        t = time.perf_counter()  # first: what follows is bookkeeping, not the model's time
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        self.times.append(t)
+        self.sizes.append(len(ids))
+        self.tokens.extend(int(i) for i in ids)
+
+    def end(self) -> None:
+        pass
+
+
+@contextmanager
+def _plain_base(model: HyperModel) -> Iterator[Any]:
+    """The base model as Hugging Face built it, for the length of a ``with``: LoRA off, wrappers out.
+
+    hypervocab's embedding and head wrappers cost a little at every step (a check for hypertoken ids, a
+    ``[B, T, V + C]`` copy of the logits): the base systems must not pay for them.  They are put back
+    on the way out, whatever happens.
+    """
+    from ..embedding import HyperEmbedding, HyperHead
+
+    base = model.base
+    peft = hasattr(base, "peft_config") and hasattr(base, "disable_adapter")
+    with base.disable_adapter() if peft else nullcontext():
+        inner = base.get_base_model() if peft else base
+        emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+        if isinstance(emb, HyperEmbedding):
+            inner.set_input_embeddings(emb.base)
+        if isinstance(head, HyperHead):
+            inner.set_output_embeddings(head.base)
+        try:
+            yield inner
+        finally:
+            inner.set_input_embeddings(emb)
+            inner.set_output_embeddings(head)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timestamp means the work is done."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _run_once(model: HyperModel, system: str, ids: list[int], codes: list[int], *, new_tokens: int,
+              lookup: int, pad_id: int) -> tuple[_Clock, float, float, dict[str, int]]:
+    """One greedy ``generate`` call of ``system``.
+
+    ``ids``: the prompt's base tokens; ``codes``: the same compressed (hypervocab reads these).  Returns
+    the clock, the call's start and end (``time.perf_counter()``) and hypervocab's statistics.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    clock = _Clock()
+    extra: dict[str, int] = {}
+    if system == "hypervocab":
+        x = torch.tensor([codes], device=device)
+        mask = torch.ones_like(x)
+        _synchronize(device)
+        t0 = time.perf_counter()
+        out = model.generate(x, mask, max_new_tokens=new_tokens, max_new_base_tokens=new_tokens, eos_token_id=[],
+                             streamer=clock, return_dict_in_generate=True)
+        _synchronize(device)
+        t1 = time.perf_counter()
+        st = out.stats[0]
+        extra = {"prompt_codes": st.prompt_codes, "hypertokens": st.hypertokens}
+        return clock, t0, t1, extra
+    x = torch.tensor([ids], device=device)
+    mask = torch.ones_like(x)
+    # eos_token_id=[]: no stopping, no masking, as hypervocab's eos_token_id=[]; repetition_penalty=1.0 and
+    # num_beams=1 override whatever the model's generation_config says, so that greedy means greedy
+    options: dict[str, Any] = dict(max_new_tokens=new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                                   eos_token_id=[], pad_token_id=pad_id, streamer=clock)
+    if system == "prompt_lookup":
+        options["prompt_lookup_num_tokens"] = lookup
+    with _plain_base(model) as base, torch.no_grad():
+        _synchronize(device)
+        t0 = time.perf_counter()
+        base.generate(x, attention_mask=mask, **options)
+        _synchronize(device)
+        t1 = time.perf_counter()
+    return clock, t0, t1, extra
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(statistics.median(kept)) if kept else None
+
+
+# ---------------------------------------------------------------------------------------------- the report
+
+
+def speed_report(
+    model: HyperModel,
+    tokenizer: Any,
+    files: Mapping[str, str | PathLike[str] | Sequence[str | PathLike[str]]],
+    *,
+    max_prompt_tokens: int = 1024,
+    max_new_base_tokens: int = 128,
+    prompt_lookup_num_tokens: int = 10,
+    repeats: int = 3,
+    warmup: bool = True,
+    chat_template: bool | None = None,
+    progress: bool = False,
+) -> SpeedResult:
+    """Time base greedy, hypervocab greedy and prompt lookup decoding on the same prompts.
+
+    Every system decodes greedily and ignores end-of-sequence tokens, so each writes exactly
+    ``max_new_base_tokens`` base tokens; what is measured is described in the module docstring.  The
+    model is used as it is: put it in ``eval()`` mode (and on its device) first.
+
+    Args:
+        model: a :class:`~hypervocab.HyperModel` (its LoRA adapter, if any, is on for ``hypervocab`` and off
+            for the two base systems).
+        tokenizer: the base Hugging Face tokenizer, or a :class:`~hypervocab.HyperTokenizer` over it.
+        files: ``{workload: path or [paths]}`` for workloads among ``"edit"`` (code files), ``"document"``
+            (prose) and ``"free"`` (any text); each file makes one prompt.
+
+    Keyword Args:
+        max_prompt_tokens: base tokens of a prompt at most, template included (the file is cut to fit).
+        max_new_base_tokens: base tokens every system writes (end-of-sequence is ignored, so exactly this
+            many); at least 2, so that something is left to time after the first token.
+        prompt_lookup_num_tokens: tokens prompt lookup decoding proposes per step.
+        repeats: timed runs of each prompt by each system; the systems take turns.
+        warmup: run each system once, untimed, on the first prompt first (lazy initialisation, caches).
+        chat_template: wrap prompts in the tokenizer's chat template; ``None``: when it has one.
+        progress: show a progress bar (tqdm) over the runs.
+
+    Returns:
+        A :class:`SpeedResult`: one row per workload x system (medians), every run and every prompt.
+    """
+    from ..model import HyperModel
+    from ..tokenizer import HyperTokenizer
+
+    if not isinstance(model, HyperModel):
+        raise InputTypeError(f"model must be a HyperModel, got {type(model).__name__}")
+    _check_size("max_prompt_tokens", max_prompt_tokens, 1)
+    _check_size("max_new_base_tokens", max_new_base_tokens, 2)
+    _check_size("prompt_lookup_num_tokens", prompt_lookup_num_tokens, 1)
+    _check_size("repeats", repeats, 1)
+    if chat_template not in (None, True, False):
+        raise ConfigError(f"chat_template must be True, False or None (use it when the tokenizer has one), "
+                          f"got {chat_template!r}")
+    lists = _file_lists(files)
+    tok = tokenizer.tokenizer if isinstance(tokenizer, HyperTokenizer) else tokenizer
+    htok = HyperTokenizer(tok, model.config)  # the model's own codec, whatever settings a given one had
+    if len(tok) != model.config.base_vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tok)} ids but the model's base_vocab_size is "
+                          f"{model.config.base_vocab_size}: give the model's own tokenizer")
+    has_template = bool(getattr(tok, "chat_template", None))
+    if chat_template and not has_template:
+        raise ConfigError("chat_template=True but the tokenizer has no chat template: give False or None")
+    chat = has_template if chat_template is None else bool(chat_template)
+
+    prompts: list[tuple[SpeedPrompt, list[int], list[int]]] = []
+    for workload, paths in lists.items():
+        for path in paths:
+            ids, cut = build_prompt(workload, _read(workload, path), tok, max_prompt_tokens=max_prompt_tokens,
+                                    chat=chat, language=_LANGUAGES.get(path.suffix, ""))
+            codes = [int(c) for c in htok.codec.encode(ids)]  # the same base tokens, compressed
+            prompts.append((SpeedPrompt(workload, str(path), len(ids), len(codes), cut, chat), ids, codes))
+
+    pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id, 0) if isinstance(i, int)), 0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(len(SYSTEMS) if warmup else 0) + len(prompts) * repeats * len(SYSTEMS), unit="run",
+                   desc="speed")
+    if warmup:
+        _, ids, codes = prompts[0]
+        for system in SYSTEMS:
+            if bar is not None:
+                bar.set_description(f"warm-up {system}")
+            _run_once(model, system, ids, codes, new_tokens=max_new_base_tokens,
+                      lookup=prompt_lookup_num_tokens, pad_id=pad_id)
+            if bar is not None:
+                bar.update(1)
+
+    runs: list[SpeedRun] = []
+    for k, (prompt, ids, codes) in enumerate(prompts):
+        first: dict[str, SpeedRun] = {}
+        outputs: dict[str, list[int]] = {}
+        for r in range(repeats):
+            turn = (k + r) % len(SYSTEMS)  # the order rotates, so that no system always goes first
+            for system in SYSTEMS[turn:] + SYSTEMS[:turn]:
+                if bar is not None:
+                    bar.set_description(f"{prompt.workload} {system}")
+                clock, t0, t1, extra = _run_once(model, system, ids, codes, new_tokens=max_new_base_tokens,
+                                                 lookup=prompt_lookup_num_tokens, pad_id=pad_id)
+                if not clock.times:
+                    raise RuntimeError(f"{system} wrote no token on {prompt.source}: its generate() never called "
+                                       "the streamer")
+                run = SpeedRun(prompt.workload, system, prompt.source, r, prompt.tokens, new_tokens=len(clock.tokens),
+                               first_tokens=clock.sizes[0], steps=len(clock.sizes), ttft_s=clock.times[0] - t0,
+                               decode_s=clock.times[-1] - clock.times[0], total_s=t1 - t0,
+                               prompt_codes=extra.get("prompt_codes"), hypertokens=extra.get("hypertokens"))
+                runs.append(run)
+                if r == 0:
+                    first[system], outputs[system] = run, clock.tokens
+                if bar is not None:
+                    bar.update(1)
+        prompt.outputs = {system: outputs[system] for system in SYSTEMS}
+        for system, run in first.items():
+            run.matches_base = _common_prefix(outputs[system], outputs["base"])
+    if bar is not None:
+        bar.close()
+    return SpeedResult(_rows(runs), runs, [p for p, _, _ in prompts], dict(
+        model=_model_name(model), device=str(next(model.parameters()).device),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""), threads=_threads(),
+        max_prompt_tokens=max_prompt_tokens, max_new_base_tokens=max_new_base_tokens,
+        prompt_lookup_num_tokens=prompt_lookup_num_tokens, repeats=repeats, warmup=warmup, chat_template=chat,
+        eos="ignored", decoding="greedy", max_codebook_size=model.config.max_codebook_size,
+        max_subtokens=model.config.max_subtokens, workloads=list(lists), versions=_versions(),
+        files={w: [str(p) for p in ps] for w, ps in lists.items()}))
+
+
+def _rows(runs: list[SpeedRun]) -> list[SpeedRow]:
+    """Medians per workload x system, in the order of :data:`WORKLOADS` and :data:`SYSTEMS`."""
+    rows = []
+    for workload in WORKLOADS:
+        for system in SYSTEMS:
+            rs = [r for r in runs if r.workload == workload and r.system == system]
+            if not rs:
+                continue
+            firsts = [r for r in rs if r.matches_base is not None]
+            hyper = system == "hypervocab"
+            rows.append(SpeedRow(
+                workload, system, len(rs), prompt_tokens=_median([r.prompt_tokens for r in rs]),
+                new_tokens=_median([r.new_tokens for r in rs]),
+                prefill_tokens_per_s=_median([r.prefill_tokens_per_s for r in rs]),
+                ttft_s=_median([r.ttft_s for r in rs]),
+                decode_tokens_per_s=_median([r.decode_tokens_per_s for r in rs]),
+                total_s=_median([r.total_s for r in rs]),
+                total_tokens_per_s=_median([r.total_tokens_per_s for r in rs]),
+                tokens_per_step=_median([r.new_tokens / r.steps for r in rs]),
+                same_as_base=_median([r.matches_base / r.new_tokens for r in firsts]) if firsts else None,
+                prompt_codes=_median([r.prompt_codes for r in rs]) if hyper else None,
+                codes=_median([r.steps for r in rs]) if hyper else None,
+                base_tokens_per_code=_median([r.new_tokens / r.steps for r in rs]) if hyper else None,
+                hypertokens=_median([r.hypertokens for r in rs]) if hyper else None))
+    for row in rows:
+        base = next((b for b in rows if b.workload == row.workload and b.system == "base"), None)
+        if base is None:
+            continue
+        if base.decode_tokens_per_s and row.decode_tokens_per_s is not None:
+            row.decode_speedup = row.decode_tokens_per_s / base.decode_tokens_per_s
+        if row.total_s > 0:
+            row.total_speedup = base.total_s / row.total_s
+    return rows
+
+
+def _model_name(model: HyperModel) -> str:
+    config = getattr(model.base, "config", None)
+    name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    return str(name) if name else type(model.base).__name__
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"hypervocab": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
