@@ -178,3 +178,10 @@ def test_eval_commands_reject_bad_input(checkpoint, tmp_path, capsys):
     assert "--max-bytes must be an int >= 1, got 0" in capsys.readouterr().err
     assert main(["eval", "speed", "--model", str(checkpoint)]) == 2
     assert "eval speed needs files for at least one workload: --edit, --document or --free" in capsys.readouterr().err
+
+
+def test_eval_lm_eval_hands_its_arguments_to_lm_eval(capsys):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "lm-eval", "--help"])
+    assert e.value.code == 0 and "Language Model Evaluation Harness" in capsys.readouterr().out

@@ -277,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "lm-eval"]:  # everything after it is lm-eval's own, --help included
+        from ..evaluation.harness import main as harness_main
+
+        rest = argv[2:]
+        if "--help" in rest or "-h" in rest or rest[:1] == ["ls"] or "--model" in rest:
+            return harness_main(rest)
+        if rest[:1] == ["run"]:
+            return harness_main(["run", "--model", "hypervocab", *rest[1:]])
+        return harness_main(["--model", "hypervocab", *rest])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
