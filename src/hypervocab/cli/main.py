@@ -1,6 +1,7 @@
 """``hypervocab`` command line.
 
 * ``hypervocab demo``: the shipped model on three prompts, against its base model.
+* ``hypervocab serve --model PATH_OR_NAME``: an OpenAI-compatible HTTP server with a playground.
 * ``hypervocab compress PATH... --tokenizer NAME_OR_DIR``: how much text shrinks.
 * ``hypervocab generate --model PATH_OR_NAME "prompt"``: generate with hypertokens coloured.
 * ``hypervocab train --config RUN.yaml [--FIELD VALUE ...]``: uptrain a model.
@@ -270,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     from .demo import add_demo_parser
     from .evaluate import add_eval_parser
+    from .serve import add_serve_parser
 
     add_eval_parser(sub)
     add_demo_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
