@@ -46,8 +46,7 @@ class ServeLimits:
 
 def _fastapi() -> Any:
     try:
-        import fastapi
-        import pydantic  # noqa: F401
+        import fastapi  # brings pydantic
     except ImportError:
         raise ImportError("the server needs FastAPI and uvicorn: pip install 'hypervocab[serve]'") from None
     return fastapi
