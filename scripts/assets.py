@@ -23,13 +23,13 @@ CACHE = Path(os.environ["HYPERVOCAB_CACHE"])
 def smollm2_tokenizer_dir() -> Path:
     from hypervocab.pretrained import smollm2_tokenizer_dir as convert
 
-    return convert(install=False)
+    return convert(install=True)
 
 
 def smollm2_model_dir() -> Path:
     from hypervocab.pretrained import smollm2_base_dir
 
-    return smollm2_base_dir(install=False)
+    return smollm2_base_dir(install=True)
 
 
 def main() -> None:
