@@ -103,10 +103,14 @@ def test_compression_of_a_hand_made_corpus_equals_hand_computed_values(tmp_path,
     assert tok("the the the the the the", add_special_tokens=False)["input_ids"] == [the] + [_the] * 5
     assert tok("a a a a", add_special_tokens=False)["input_ids"] == [a] + [_a] * 3
     tok.save_pretrained(tmp_path / "tok")
+    tok.save_pretrained(tmp_path / "tok2")
     out = tmp_path / "out"
     assert main(["eval", "compression", f"rep={tmp_path / 'a'}", f"two={tmp_path / 'b'}", "--tokenizer",
-                 str(tmp_path / "tok"), "--out", str(out), "--plot"]) == 0
-    rows = {r["path"]: r for r in json.loads((out / "compression.json").read_text())["rows"]}
+                 str(tmp_path / "tok"), "--tokenizer", str(tmp_path / "tok2"), "--out", str(out), "--plot"]) == 0
+    every = json.loads((out / "compression.json").read_text())["rows"]
+    assert [(r["tokenizer"], r["path"]) for r in every] == [
+        (str(tmp_path / t), d) for t in ("tok", "tok2") for d in ("rep", "two")]
+    rows = {r["path"]: r for r in every if r["tokenizer"] == str(tmp_path / "tok")}
     # LZW, M = 4: the | _the (+[the,_the]) | _the (+[_the,_the]) | [_the,_the] (+[_the,_the,_the]) | [_the,_the]
     assert {k: rows["rep"][k] for k in ("files", "bytes", "tokens", "codes", "hypertokens")} == {
         "files": 1, "bytes": 23, "tokens": 6, "codes": 4, "hypertokens": 2}
