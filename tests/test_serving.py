@@ -162,6 +162,15 @@ def test_a_client_that_disconnects_stops_its_generation(server):
     while httpx.get(server.url + "/health").json()["cancelled"] == before:
         assert time.time() < deadline, "the generation went on after the client left"
         time.sleep(0.1)
+    # a non-streamed request whose client gives up is cancelled too
+    before += 1
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3000, "temperature": 0},
+                   timeout=1.0)
+    deadline = time.time() + 20
+    while httpx.get(server.url + "/health").json()["cancelled"] == before:
+        assert time.time() < deadline, "the non-streamed generation went on after the client left"
+        time.sleep(0.1)
     # and the server still answers
     assert server.client().completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0).choices
 

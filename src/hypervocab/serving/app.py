@@ -16,6 +16,7 @@ over the server's limits (400), an unknown model (404), a full queue (429).
 # no `from __future__ import annotations` here: FastAPI reads the endpoint annotations, and the request
 # models are local to create_app (pydantic is imported only when a server is built)
 import asyncio
+import html
 import json
 import time
 import uuid
@@ -174,15 +175,22 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
 
+        checked = [time.monotonic()]
+
         async def next_event() -> Piece | Finished | None:
-            """The next event, or None once the client has gone (the job is then cancelled)."""
+            """The next event, or None once the client has gone (the job is then cancelled).
+
+            The connection is checked at least every 0.25 s, also while events keep coming."""
             while True:
-                try:
-                    return await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
+                if time.monotonic() - checked[0] >= 0.25:
+                    checked[0] = time.monotonic()
                     if await request.is_disconnected():
                         job.cancelled.set()
                         return None
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    continue
 
         def usage(f: Finished) -> dict[str, Any]:
             return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
@@ -306,6 +314,6 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> str:
         page = resources.files("hypervocab.serving").joinpath("playground.html").read_text(encoding="utf-8")
-        return page.replace("{{MODEL}}", model_name)
+        return page.replace("{{MODEL}}", html.escape(model_name))
 
     return app

@@ -143,7 +143,7 @@ class Engine:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0
         self._lock = threading.Lock()
-        self.served = self.cancelled = 0
+        self.served = self.cancelled = 0  # requests finished (stopped, length or error) / cancelled
         self._thread = threading.Thread(target=self._work, name="hypervocab-engine", daemon=True)
         self._thread.start()
 
@@ -174,17 +174,22 @@ class Engine:
             with self._lock:
                 self._waiting -= 1
             if job.cancelled.is_set():
+                result = Finished("cancelled")
+            else:
+                try:
+                    result = self._run(job)
+                except _Cancelled:
+                    result = Finished("cancelled")
+                except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
+                    result = Finished("error", error=f"{type(e).__name__}: {e}")
+            if result.finish_reason == "cancelled":
                 self.cancelled += 1
-                job.emit(Finished("cancelled"))
-                continue
+            else:
+                self.served += 1
             try:
-                job.emit(self._run(job))
-            except _Cancelled:
-                self.cancelled += 1
-                job.emit(Finished("cancelled"))
-            except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
-                job.emit(Finished("error", error=f"{type(e).__name__}: {e}"))
-            self.served += 1
+                job.emit(result)
+            except Exception:  # noqa: BLE001 - the caller is gone (e.g. its event loop closed): nothing to tell
+                pass
 
     def _run(self, job: Job) -> Finished:
         import torch

@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""Load test of ``hypervocab serve``: concurrent streaming clients, every answer checked for correctness.
+
+The script starts the OpenAI-compatible server in-process on a loopback port (127.0.0.1 only), with
+``--model`` (``default``: the shipped model, or a hypervocab checkpoint folder, loaded like the CLI does)
+or ``--tiny`` (a tiny random Llama over the real SmolLM2 tokenizer: no weights needed, for a smoke run).
+
+1. Each distinct prompt is sent once, alone and sequentially, through the same server: that is the
+   reference answer.  Requests are greedy (``temperature=0``), so a request must always get it back.
+2. ``--clients`` threads then stream requests concurrently with the official ``openai`` client, each
+   picking prompts from the same fixed set, until ``--seconds`` have passed or ``--requests`` were sent.
+
+Every response must be complete (HTTP 200, a ``finish_reason``, a ``usage`` chunk, the hypervocab
+pieces adding up to the text, running totals matching the usage) and equal its reference answer: the
+server runs one request at a time with its own codebook and cache, so concurrency must change nothing.
+Prompts are real text: a few functions of the standard library (read with :mod:`inspect`, so they are
+the running Python's own source) and a few English sentences.
+
+Prints a Markdown table (requests, errors, mismatches, latency, time to first chunk, throughput in
+base tokens/s and codes/s) and exits with status 1 on any error or mismatch.
+
+    python benchmarks/serve_load.py --tiny --clients 4 --seconds 10    # a smoke run, no weights needed
+    python benchmarks/serve_load.py                                    # the shipped model, 8 clients, 30 s
+    python benchmarks/serve_load.py --model path/to/checkpoint --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+HOST = "127.0.0.1"  # loopback only: this is a benchmark, not a public server
+
+ENGLISH = [
+    "The museum opens at nine in the morning and closes at six in the evening, except on Mondays, when it",
+    "To make a simple bread, mix flour, water, salt and yeast, knead the dough for ten minutes, then let it",
+    "In the early years of the railway, most passengers travelled in open carriages, and the journey from",
+    "Dear team, thank you for your work on the release. Before we start planning the next one, I would like",
+]
+
+
+def stdlib_prompts() -> list[str]:
+    """A few small, pure-Python functions of the standard library, as their source text."""
+    import calendar
+    import colorsys
+    import shlex
+    import statistics as stats_module
+    import string
+    import textwrap
+
+    functions = [colorsys.rgb_to_hsv, shlex.quote, string.capwords, stats_module.median, textwrap.dedent,
+                 calendar.isleap]
+    # cut long ones: the prompt set must fit the server's default prompt limit with a wide margin
+    return [inspect.getsource(f)[:1200] for f in functions]
+
+
+@dataclass
+class Result:
+    """One streamed request: what came back and how long it took (times in seconds from the send)."""
+
+    prompt: int
+    text: str = ""
+    error: str | None = None
+    latency: float = 0.0
+    first_chunk: float | None = None
+    base_tokens: int = 0
+    codes: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Counter:
+    """Hands out request numbers to the client threads until the budget of requests runs out."""
+
+    limit: int
+    taken: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.taken >= self.limit:
+                return False
+            self.taken += 1
+            return True
+
+
+def tiny_model() -> tuple[Any, Any]:
+    """A tiny random Llama wrapped as a HyperModel, over the real SmolLM2 tokenizer (converted offline)."""
+    import torch
+    import transformers
+    from assets import smollm2_tokenizer_dir
+
+    from hypervocab import HyperConfig, HyperModel
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)).eval()
+    model = HyperModel.from_base(base, tok, HyperConfig(max_codebook_size=64, max_subtokens=4))
+    with torch.no_grad():  # fresh encoders would make a hypertoken look like its first subtoken: perturb them
+        for p in list(model.input_encoder.parameters()) + list(model.output_encoder.parameters()):
+            p.normal_(0, 0.05)
+    return model.eval(), tok
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(model, base tokenizer, served model name) for the arguments."""
+    if args.tiny:
+        model, tok = tiny_model()
+        return model, tok, "tiny-random-llama"
+    from hypervocab.cli.main import load_model
+
+    model, htok = load_model(args.model, dtype=args.dtype)
+    name = "hypervocab-smollm2-135m" if args.model == "default" else args.model.rstrip("/").split("/")[-1]
+    return model, htok.tokenizer, name
+
+
+class LoopbackServer:
+    """uvicorn serving ``app`` in a thread, on a port of 127.0.0.1 chosen by the OS."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        # bind the socket here and hand it to uvicorn: no window in which another process takes the port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((HOST, 0))
+        self.url = f"http://{HOST}:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def stream_one(client: Any, model_name: str, prompt: str, index: int, max_tokens: int) -> Result:
+    """Stream one greedy completion and check that it is whole; errors are recorded, never raised."""
+    import openai
+
+    res = Result(index)
+    t0 = time.perf_counter()
+    pieces: list[str] = []
+    last_hv: dict[str, Any] | None = None
+    usage: Any = None
+    try:
+        raw = client.completions.with_raw_response.create(
+            model=model_name, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True})
+        if raw.status_code != 200:  # a 2xx other than 200 is not what the API promises either
+            raise RuntimeError(f"HTTP {raw.status_code}")
+        text: list[str] = []
+        for chunk in raw.parse():
+            if res.first_chunk is None:
+                res.first_chunk = time.perf_counter() - t0
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text.append(choice.text or "")
+                if choice.finish_reason is not None:
+                    res.finish_reason = choice.finish_reason
+            hv = (chunk.model_extra or {}).get("hypervocab")
+            if hv is not None:
+                pieces.extend(t for t, _ in hv["pieces"])
+                last_hv = hv
+        res.text = "".join(text)
+        # the stream ends quietly if the connection drops, so "complete" is checked from its content
+        if res.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"no finish_reason stop/length (got {res.finish_reason!r})")
+        if usage is None or last_hv is None:
+            raise RuntimeError("no usage chunk" if usage is None else "no hypervocab extension")
+        extra = usage.model_extra or {}
+        res.base_tokens, res.codes = usage.completion_tokens, int(extra.get("completion_codes", -1))
+        if "".join(pieces) != res.text:
+            raise RuntimeError("the hypervocab pieces do not add up to the text")
+        if (last_hv["base_tokens"], last_hv["codes"]) != (res.base_tokens, res.codes):
+            raise RuntimeError(f"running totals {last_hv['base_tokens']} tokens / {last_hv['codes']} codes "
+                               f"differ from the usage {res.base_tokens} / {res.codes}")
+    except openai.APIStatusError as e:
+        res.error = f"HTTP {e.status_code}: {e.message}"
+    except Exception as e:  # noqa: BLE001 - a failed request is a result to report, not a crash
+        res.error = f"{type(e).__name__}: {e}"
+    res.latency = time.perf_counter() - t0
+    return res
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default="default", help="'default' (the shipped model) or a hypervocab "
+                       "checkpoint folder; a plain Hugging Face model folder gets fresh hyper-encoders, as with "
+                       "`hypervocab serve` (default: default)")
+    which.add_argument("--tiny", action="store_true", help="a tiny random Llama over the SmolLM2 tokenizer instead")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent streaming clients (default 8)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="send no new request after this long (default 30)")
+    parser.add_argument("--requests", type=int, default=200, help="send at most this many requests (default 200)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per-request client timeout in s (default 300)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clients' prompt choices (default 0)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="model dtype (default float32)")
+    args = parser.parse_args(argv)
+    for name in ("clients", "requests", "max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.seconds <= 0:
+        parser.error("--seconds must be > 0")
+
+    import openai
+    from tqdm import tqdm
+
+    from hypervocab.serving import ServeLimits, create_app
+
+    prompts = stdlib_prompts() + ENGLISH
+    t = time.perf_counter()
+    model, tok, model_name = load(args)
+    print(f"loaded {model_name!r} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    # the queue must hold every client's request, or the load itself would cause 429s
+    limits = ServeLimits(max_tokens=args.max_tokens, max_queue=max(32, args.clients))
+    server = LoopbackServer(create_app(model, tok, model_name=model_name, limits=limits))
+
+    def make_client() -> Any:
+        """A client of its own per thread, as separate users would have; no retries: a failure must show."""
+        return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
+
+    try:
+        # 1. the references: each prompt alone, one after another
+        alone_client = make_client()
+        reference: list[Result] = []
+        for i, p in enumerate(tqdm(prompts, desc="alone", unit="req", file=sys.stderr)):
+            reference.append(stream_one(alone_client, model_name, p, i, args.max_tokens))
+        bad = [r for r in reference if r.error]
+        if bad:
+            for r in bad:
+                print(f"error on prompt {r.prompt} run alone: {r.error}", file=sys.stderr)
+            return 1
+
+        # 2. the load: --clients threads, each streaming requests until the time or request budget is spent
+        counter = Counter(args.requests)
+        results: list[Result] = []
+        lock = threading.Lock()
+        bar = tqdm(total=args.requests, desc=f"{args.clients} clients", unit="req", file=sys.stderr)
+        deadline = time.perf_counter() + args.seconds
+
+        def client_loop(c: int) -> None:
+            client = make_client()
+            rng = random.Random(args.seed * 1000 + c)  # a fixed sequence of prompts per client
+            while time.perf_counter() < deadline and counter.take():
+                i = rng.randrange(len(prompts))
+                r = stream_one(client, model_name, prompts[i], i, args.max_tokens)
+                with lock:
+                    results.append(r)
+                    bar.update(1)
+                    if r.error:
+                        bar.set_postfix(errors=sum(x.error is not None for x in results))
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            for f in [pool.submit(client_loop, c) for c in range(args.clients)]:
+                f.result()
+        wall = time.perf_counter() - start
+        bar.total = len(results)  # the time budget may end the run before the request budget
+        bar.refresh()
+        bar.close()
+    finally:
+        server.stop()
+
+    errors = [r for r in results if r.error]
+    mismatches = [r for r in results if not r.error and r.text != reference[r.prompt].text]
+    ok = [r for r in results if not r.error]
+    latencies = [r.latency for r in ok]
+    firsts = [r.first_chunk for r in ok if r.first_chunk is not None]
+    tokens, codes = sum(r.base_tokens for r in ok), sum(r.codes for r in ok)
+    rows = [
+        ("model", model_name),
+        ("clients / max_tokens", f"{args.clients} / {args.max_tokens}"),
+        ("requests", str(len(results))),
+        ("errors", str(len(errors))),
+        ("mismatches", str(len(mismatches))),
+        ("latency median / p95 (s)", f"{statistics.median(latencies):.3f} / {percentile(latencies, 0.95):.3f}"
+         if latencies else "-"),
+        ("time to first chunk, median (s)", f"{statistics.median(firsts):.3f}" if firsts else "-"),
+        ("wall time (s)", f"{wall:.1f}"),
+        ("base tokens/s (total)", f"{tokens / wall:.1f}"),
+        ("codes/s (total)", f"{codes / wall:.1f}"),
+        ("base tokens per code", f"{tokens / codes:.2f}" if codes else "-"),
+    ]
+    print("| metric | value |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+    for r in errors[:5]:
+        print(f"error (prompt {r.prompt}): {r.error}", file=sys.stderr)
+    for r in mismatches[:5]:
+        want = reference[r.prompt].text
+        # show where they part: the texts often share a long prefix
+        at = next((i for i, (a, b) in enumerate(zip(r.text, want)) if a != b), min(len(r.text), len(want)))
+        print(f"mismatch (prompt {r.prompt}) at character {at}: got {r.text[max(0, at - 20):at + 40]!r}, "
+              f"alone {want[max(0, at - 20):at + 40]!r}", file=sys.stderr)
+    return 1 if errors or mismatches or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
