@@ -39,9 +39,26 @@ class HyperConfig:
         encoder_layers, encoder_heads, encoder_dim (latent width, ``None`` = model width / 4, at most 256),
         encoder_ffn_mult: transformer sizes.
         tie_encoders: one encoder for both sides; the default (untied) has a second one for the output side.
+    Encoder variants (what checkpoints of the public zip2zip format need, see :mod:`hypervocab.interop`; the
+    defaults are the encoder described above):
+        encoder_ffn_dim: feed-forward width (``None`` = ``encoder_ffn_mult`` x latent width).
+        encoder_norm: ``"pre"`` or ``"post"`` LayerNorm placement in the blocks.
+        encoder_bias: biases in the attention, feed-forward and projection layers.
+        encoder_projection: project to the latent width and back (without it ``encoder_dim`` is the
+            model width).
+        encoder_positions: learned positions over ``M``.
+        encoder_final_norm: a LayerNorm before pooling.
+        encoder_pool: ``"valid"`` (mean over the phrase's subtokens), ``"all"`` (mean over all ``M``
+            slots, padding slots holding the pad token's vector) or ``"last"`` (the last subtoken).
+        encoder_causal: causal attention inside a phrase.
+        encoder_residual: add the first subtoken's vector to the encoder's output.
     Model:
         codebook_mask: ``"exact"`` (position t scores only rows installed by codes <= t, plus the one new
             id that may legally come next; what inference does) or ``"none"`` (the whole sequence's table).
+        score_next_id: score that one new id that may legally come next (the LZW "KwKwK" case) in cached
+            steps and generation too.  ``False`` scores installed rows only, as the public zip2zip runtime
+            does (it never writes that id); it needs ``codebook_mask="none"``, since an exact mask without
+            it would hold such targets of canonical streams at ``-inf``.
         position_mode: ``"base"`` (a code sits at the base-stream index of its last base token) or
             ``"compressed"`` (one position per code).
     Provenance (filled in when saving): base_model_name_or_path, base_model_revision, hypervocab_version.
@@ -59,7 +76,17 @@ class HyperConfig:
     encoder_dim: int | None = None
     encoder_ffn_mult: int = 4
     tie_encoders: bool = False
+    encoder_ffn_dim: int | None = None
+    encoder_norm: Literal["pre", "post"] = "pre"
+    encoder_bias: bool = True
+    encoder_projection: bool = True
+    encoder_positions: bool = True
+    encoder_final_norm: bool = True
+    encoder_pool: Literal["valid", "all", "last"] = "valid"
+    encoder_causal: bool = False
+    encoder_residual: bool = True
     codebook_mask: Literal["exact", "none"] = "exact"
+    score_next_id: bool = True
     position_mode: Literal["base", "compressed"] = "base"
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
@@ -85,12 +112,19 @@ class HyperConfig:
         check_int("encoder_heads", 1, 256)
         check_int("encoder_dim", 1, 1 << 16, optional=True)
         check_int("encoder_ffn_mult", 1, 64)
+        check_int("encoder_ffn_dim", 1, 1 << 20, optional=True)
         check_choice("encoder", ("transformer", "mean"))
+        check_choice("encoder_norm", ("pre", "post"))
+        check_choice("encoder_pool", ("valid", "all", "last"))
         check_choice("codebook_mask", ("exact", "none"))
         check_choice("position_mode", ("base", "compressed"))
-        for name in ("protect_digits", "tie_encoders"):
+        for name in ("protect_digits", "tie_encoders", "encoder_bias", "encoder_projection", "encoder_positions",
+                     "encoder_final_norm", "encoder_causal", "encoder_residual", "score_next_id"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not self.score_next_id and self.codebook_mask == "exact":
+            raise ConfigError("score_next_id=False needs codebook_mask='none': with the exact mask, targets that "
+                              "are the one new legal id would score -inf")
         if self.encoder_dim is not None and self.encoder_dim % self.encoder_heads:
             raise ConfigError(f"encoder_dim ({self.encoder_dim}) must be a multiple of encoder_heads "
                               f"({self.encoder_heads})")

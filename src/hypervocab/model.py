@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from .codec import DecoderState
 from .config import CONFIG_NAME, HyperConfig, bind_config
 from .embedding import HeadContext, HyperEmbedding, HyperHead
 from .errors import ConfigError, InputTypeError, InvalidCodeError
-from .hyper_encoder import build_encoder
+from .hyper_encoder import build_encoder, encoder_options
 from .positions import position_ids as compute_position_ids
 
 __all__ = ["HyperModel", "HyperOutput", "HyperState", "WEIGHTS_NAME"]
@@ -91,10 +91,9 @@ class HyperModel(nn.Module):
             p.requires_grad_(False)
         self.base = base
         base.set_input_embeddings(HyperEmbedding(emb, V))
-        base.set_output_embeddings(HyperHead(head, V, C))
+        base.set_output_embeddings((HyperHead if config.score_next_id else _InstalledRowsHead)(head, V, C))
         weight = emb.weight
-        kw = dict(dim=config.encoder_dim, layers=config.encoder_layers, heads=config.encoder_heads,
-                  ffn_mult=config.encoder_ffn_mult)
+        kw = encoder_options(config)
         self.input_encoder = build_encoder(config.encoder, weight.shape[1], M, **kw).to(weight.device, weight.dtype)
         self.output_encoder = (self.input_encoder if config.tie_encoders else
                                build_encoder(config.encoder, head.weight.shape[1], M, **kw).to(weight.device,
@@ -142,14 +141,19 @@ class HyperModel(nn.Module):
 
     # ------------------------------------------------------------------ hypertoken tables
 
+    def _slot_ids(self, phrases: torch.Tensor) -> torch.Tensor:
+        """Padding slots (-1) read the pad token: masked out by most encoders, averaged in by ``encoder_pool="all"``."""
+        return phrases.clamp(min=0) if self.config.pad_id is None else phrases.masked_fill(phrases < 0,
+                                                                                          self.config.pad_id)
+
     def encode_inputs(self, phrases: torch.Tensor) -> torch.Tensor:
         """Input vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> [N, D]."""
         # through the base embedding module, so models that scale embeddings (Gemma) get the same scale
-        return self.input_encoder(self.embedding.base(phrases.clamp(min=0)), phrases >= 0)
+        return self.input_encoder(self.embedding.base(self._slot_ids(phrases)), phrases >= 0)
 
     def encode_outputs(self, phrases: torch.Tensor) -> torch.Tensor:
         """Output (unembedding) vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> [N, D]."""
-        return self.output_encoder(F.embedding(phrases.clamp(min=0), self.head.base.weight), phrases >= 0)
+        return self.output_encoder(F.embedding(self._slot_ids(phrases), self.head.base.weight), phrases >= 0)
 
     def encode_entries(self, phrases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and output vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> two [N, D]."""
@@ -290,7 +294,7 @@ class HyperModel(nn.Module):
         tin, tout = self._tables(cb, B, width, device, old)
         if exact:
             visible = torch.as_tensor(cb.n_after, device=device)
-            cand, cand_ok = self._candidates(cb, device)
+            cand, cand_ok = self._candidates(cb, device) if self.config.score_next_id else (None, None)
         else:
             visible = torch.as_tensor(cb.counts, device=device).view(B, 1).expand(B, T)
             cand = cand_ok = None
@@ -440,14 +444,20 @@ class HyperModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, base_model: nn.Module | None = None,
                         **base_kwargs: Any) -> HyperModel:
-        """Load a checkpoint made by :meth:`save_pretrained`.
+        """Load a checkpoint made by :meth:`save_pretrained`, or one of the public zip2zip format.
 
         The base model is loaded from ``config.base_model_name_or_path`` (at the saved revision) unless
-        ``base_model`` is given; ``base_kwargs`` go to ``AutoModelForCausalLM.from_pretrained``.
+        ``base_model`` is given; ``base_kwargs`` go to ``AutoModelForCausalLM.from_pretrained``.  A folder
+        with a ``zip2zip_config.json`` (and no ``hypervocab_config.json``) is read by
+        :func:`hypervocab.interop.load_public_model`.
         """
         from safetensors.torch import load_file
 
+        from .interop import is_public_checkpoint, load_public_model
+
         directory = Path(directory)
+        if is_public_checkpoint(directory):  # a checkpoint of the public zip2zip runtime: converted on the fly
+            return load_public_model(cls, directory, base_model=base_model, **base_kwargs)
         config = HyperConfig.from_pretrained(directory)
         if base_model is None:
             from transformers import AutoModelForCausalLM
@@ -476,3 +486,14 @@ class HyperModel(nn.Module):
                 raise ConfigError(f"the checkpoint's {name} does not fit this model "
                                   f"(saved by hypervocab {config.hypervocab_version}): {e}") from None
         return model
+
+
+class _InstalledRowsHead(HyperHead):
+    """A head that scores installed rows only, never the one new id that may legally come next.
+
+    What ``score_next_id=False`` asks for: the public zip2zip runtime scores only the entries its
+    codebook holds, so a converted checkpoint must not write an id that runtime never would.
+    """
+
+    def _hyper_logits(self, hidden: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
+        return super()._hyper_logits(hidden, replace(ctx, candidates=None, candidate_ok=None))

@@ -216,6 +216,10 @@ class HyperTokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: Any) -> HyperTokenizer:
+        """Load what :meth:`save_pretrained` wrote, or the tokenizer of a public zip2zip checkpoint."""
         from .config import HyperConfig
+        from .interop import is_public_checkpoint, load_public_tokenizer
 
+        if is_public_checkpoint(directory):  # its base model's tokenizer, with the checkpoint's codec settings
+            return load_public_tokenizer(cls, directory)
         return cls(load_tokenizer(str(directory)), HyperConfig.from_pretrained(directory))
