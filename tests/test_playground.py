@@ -68,7 +68,7 @@ def browser() -> Iterator[WebDriver]:
     # the page's console errors are read at the end of each test: a JS exception must fail the test
     options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver.set_page_load_timeout(120)
     yield driver
     driver.quit()
 
@@ -128,7 +128,7 @@ def test_generate_shows_the_greedy_text_hypertokens_and_compression(browser, ser
     browser.find_element(By.ID, "go").click()
     # the click handler disables Generate before its first await (before the click returns), so this
     # waits for the whole stream and its `finally`, not for a state from before the click
-    WebDriverWait(browser, 30).until(generate_enabled, "the generation did not finish in 30 s")
+    WebDriverWait(browser, 120).until(generate_enabled, "the generation did not finish in 120 s")
 
     assert not browser.find_elements(By.CSS_SELECTOR, "#output .error"), text_content(browser, "#output")
     assert text_content(browser, "#output") == want
@@ -151,12 +151,12 @@ def test_stop_cancels_the_generation_on_the_server(browser, server):
     open_page(browser, server, prompt=LONG_PROMPT, max_tokens=LONG_MAX_TOKENS)
     browser.find_element(By.ID, "go").click()
     # poll often: on a fast machine the whole generation takes a few seconds, and Stop must come before its end
-    WebDriverWait(browser, 20, poll_frequency=0.05).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#output span"),
-                                                          "no output appeared in 20 s")
+    WebDriverWait(browser, 120, poll_frequency=0.05).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#output span"),
+                                                          "no output appeared in 120 s")
     stop = browser.find_element(By.ID, "stop")
     assert stop.is_enabled()
     stop.click()
-    WebDriverWait(browser, 10).until(generate_enabled, "Generate was not enabled again after Stop")
+    WebDriverWait(browser, 60).until(generate_enabled, "Generate was not enabled again after Stop")
     assert not browser.find_element(By.ID, "stop").is_enabled()
     # an abort is not an error: the page shows what it got and nothing else
     assert not browser.find_elements(By.CSS_SELECTOR, "#output .error"), text_content(browser, "#output")
@@ -165,7 +165,7 @@ def test_stop_cancels_the_generation_on_the_server(browser, server):
     assert text_content(browser, "#stats").startswith("output: ")
 
     # the server notices the closed connection and stops the work at the next step
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while (health := httpx.get(server.url + "/health").json())["cancelled"] == before:
         assert time.monotonic() < deadline, f"the generation went on after Stop: {health}"
         time.sleep(0.1)
