@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="the hypervocab model (default: the shipped one)")
     parser.add_argument("--only", action="append", choices=PARTS, help="run only these parts (repeatable)")
     parser.add_argument("--max-bytes", type=int, default=40_000, help="held-out text per domain for bits per byte")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per prompt and system for speed")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per prompt and system for speed")
     args = parser.parse_args()
     parts = args.only or list(PARTS)
 
@@ -68,8 +68,9 @@ def main() -> None:
     if "speed" in parts:
         files = sorted((DATA / "python").rglob("*.py"))
         docs = sorted((DATA / "docs").rglob("*.rst.txt"))
-        _cli(["eval", "speed", "--edit", str(files[0]), "--edit", str(files[1]), "--document", str(docs[0]),
-              "--free", str(files[2]), *model, "--repeats", str(args.repeats), "--out", str(OUT), "--plot"])
+        _cli(["eval", "speed", "--edit", str(files[0]), "--document", str(docs[0]), "--free", str(files[2]), *model,
+              "--max-prompt-tokens", "768", "--max-new-tokens", "96", "--repeats", str(args.repeats),
+              "--out", str(OUT), "--plot"])
     if "samples" in parts:
         text = _cli(["demo", *model, "--no-color", "--max-new-tokens", "80"])
         (OUT / "samples.md").write_text("```text\n" + text.strip() + "\n```\n")
