@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputTypeError
-from .likelihood import continuation_logprob, prefix_id, sliding_windows
+from .likelihood import continuation_logprob, prefix_id, window_pairs
 
 __all__ = ["HyperLM", "MODEL_NAME", "main", "register"]
 
@@ -275,9 +275,9 @@ class HyperLM(LM):
             (text,) = request.args
             ids = [int(t) for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
             total = 0.0
-            for ctx, start, end in sliding_windows(len(ids), window, self.rolling_stride):
-                context = ([self.prefix_token_id] if ctx == 0 else []) + ids[ctx:start]
-                total += continuation_logprob(self.model, context, ids[start:end]).logprob
+            for context, target in window_pairs(ids, self.prefix_token_id, window=window,
+                                                stride=self.rolling_stride):
+                total += continuation_logprob(self.model, context, target).logprob
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
         return out

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, InputTypeError
 
 __all__ = ["Continuation", "TextScore", "bits_per_byte_report", "continuation_logprob", "format_bits_per_byte_markdown",
-           "prefix_id", "score_texts", "sliding_windows"]
+           "prefix_id", "score_texts", "sliding_windows", "window_pairs"]
 
 
 @dataclass
@@ -105,6 +105,23 @@ def _score(logits: torch.Tensor, targets: torch.Tensor) -> Continuation:
     return Continuation(float(picked.sum()), int(targets.numel()), bool((logits.argmax(-1) == targets).all()))
 
 
+def window_pairs(ids: Sequence[int], start_id: int, *, window: int,
+                 stride: int) -> list[tuple[list[int], list[int]]]:
+    """``(context, target)`` base-token pairs of :func:`sliding_windows`: each of ``ids`` is a target once.
+
+    A window with no context (a text's start, or ``stride == window``) reads ``start_id`` first, so that
+    its first token is scored too.
+    """
+    ids = list(ids)
+    out = []
+    for ctx, start, end in sliding_windows(len(ids), window, stride):
+        context = ids[ctx:start]
+        if ctx == 0 or not context:
+            context = [start_id] + context
+        out.append((context, ids[start:end]))
+    return out
+
+
 @torch.inference_mode()
 def continuation_logprob(model: Any, context: Sequence[int], target: Sequence[int], *,
                          base: bool = False) -> Continuation:
@@ -152,22 +169,19 @@ def score_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, window: int
     start_id = prefix_id(tokenizer)
     totals = {name: TextScore(name, 0.0, 0, 0, 0) for name in ("base", "hypervocab")}
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    windows_of = [sliding_windows(len(ids), window, stride) for ids in encoded]
+    pairs_of = [window_pairs(ids, start_id, window=window, stride=stride) for ids in encoded]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(map(len, windows_of)), desc="scoring", unit="window")
-    for text, ids, windows in zip(texts, encoded, windows_of):
+        bar = tqdm(total=sum(map(len, pairs_of)), desc="scoring", unit="window")
+    for text, ids, pairs in zip(texts, encoded, pairs_of):
         for name in totals:
             totals[name].bytes += len(text.encode("utf-8"))
             totals[name].tokens += len(ids)
-        for ctx, start, end in windows:
-            context = ids[ctx:start]
-            if ctx == 0 or not context:  # a text's start, or a window without context (stride == window)
-                context = [start_id] + context
+        for context, target in pairs:
             for name in totals:
-                c = continuation_logprob(model, context, ids[start:end], base=name == "base")
+                c = continuation_logprob(model, context, target, base=name == "base")
                 totals[name].nll -= c.logprob
                 totals[name].units += c.units
             if bar is not None:

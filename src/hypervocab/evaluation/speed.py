@@ -47,7 +47,7 @@ import re
 import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -411,9 +411,8 @@ def _plain_base(model: HyperModel) -> Iterator[Any]:
     from ..embedding import HyperEmbedding, HyperHead
 
     base = model.base
-    peft = hasattr(base, "peft_config") and hasattr(base, "disable_adapter")
-    with base.disable_adapter() if peft else nullcontext():
-        inner = base.get_base_model() if peft else base
+    with model.disable_adapter():
+        inner = base.get_base_model() if hasattr(base, "peft_config") else base
         emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
         if isinstance(emb, HyperEmbedding):
             inner.set_input_embeddings(emb.base)
