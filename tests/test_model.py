@@ -130,6 +130,41 @@ def test_save_and_load_give_identical_logits(smollm2_tokenizer, htok, code_text,
         assert torch.equal(loaded(codes).logits, want)
 
 
+def test_merged_adapter_gives_the_same_logits_and_generation(smollm2_tokenizer, htok, code_text):
+    peft = pytest.importorskip("peft")
+    model = make("llama", smollm2_tokenizer)
+    model.add_lora(peft.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                   init_lora_weights=False))
+    model.eval()
+    codes = htok(code_text[:600], return_tensors="pt")["input_ids"]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        want = model(codes).logits
+        want_gen = model.generate(codes[:, :40], max_new_tokens=12)
+        with model.disable_adapter():
+            base = model(codes).logits
+        assert not torch.allclose(base, want, atol=1e-3)  # the adapter changes the model: the test can fail
+        assert model.merge_adapter() is model and model.adapter_merged
+        assert torch.allclose(model(codes).logits, want, atol=1e-4)
+        assert torch.equal(model.generate(codes[:, :40], max_new_tokens=12), want_gen)
+        with model.disable_adapter():  # unmerged for the block, the plain base model inside it
+            assert not model.adapter_merged
+            assert torch.allclose(model(codes).logits, base, atol=1e-5)
+        assert model.adapter_merged  # and merged again after it
+        assert torch.allclose(model(codes).logits, want, atol=1e-4)
+        model.unmerge_adapter()
+        assert not model.adapter_merged
+        assert torch.allclose(model(codes).logits, want, atol=1e-5)
+    # switching the adapter off and on leaves frozen weights frozen
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_merging_without_lora_does_nothing(smollm2_tokenizer):
+    model = make("llama", smollm2_tokenizer)
+    assert model.merge_adapter() is model and not model.adapter_merged
+    assert model.unmerge_adapter() is model
+
+
 def test_bad_input_gives_clear_errors(smollm2_tokenizer, tmp_path):
     model = make("llama", smollm2_tokenizer)
     with pytest.raises(InvalidCodeError, match=re.escape(

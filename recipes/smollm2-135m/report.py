@@ -99,8 +99,10 @@ def _section() -> str:
     facts = ROOT / "src" / "hypervocab" / "shipped" / "smollm2-135m-instruct" / "training_facts.json"
     if facts.is_file():
         f = json.loads(facts.read_text())
+        hours = f"CPU, about {f['estimated_training_hours']:.1f} hours of training steps" \
+            if "estimated_training_hours" in f else "CPU"
         out.insert(0, f"Trained {f['steps']} steps, about {f['base_tokens_seen']:,} base tokens "
-                      f"({f['codes_per_step']:,} codes per step), on CPU. Regenerate this report with "
+                      f"({f['codes_per_step']:,} codes per step), on {hours}. Regenerate this report with "
                       "`python recipes/smollm2-135m/report.py`.\n")
     return "\n".join(out).strip() + "\n"
 

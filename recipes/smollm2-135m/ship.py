@@ -58,8 +58,12 @@ def main() -> None:
     evals = [r for r in rows if "eval_loss" in r]
     codes_per_step = train["batch_size"] * train["grad_accum"] * train["window"]
     cpt = sum(r["codes_per_token"] for r in steps) / len(steps)
+    # compute time: each logged step's seconds (its base tokens over its rate), times the steps it stands for
+    step_s = [codes_per_step / r["codes_per_token"] / r["base_tokens_per_s"] for r in steps]
+    hours = sum(step_s) / len(step_s) * steps[-1]["step"] / 3600
     facts = {"steps": steps[-1]["step"], "codes_per_step": codes_per_step, "mean_codes_per_token": cpt,
              "base_tokens_seen": int(steps[-1]["step"] * codes_per_step / cpt),
+             "estimated_training_hours": round(hours, 2),
              "first_lm_loss": steps[0]["lm_loss"], "last_lm_loss": steps[-1]["lm_loss"],
              "eval_loss": [(r["step"], r["eval_loss"]) for r in evals], "trainable_parameters": params,
              "train_config": train}

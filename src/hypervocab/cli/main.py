@@ -75,7 +75,7 @@ def load_model(name_or_path: str, *, max_codebook_size: int = 2048, max_subtoken
         model = HyperModel.from_pretrained(path, dtype=torch_dtype, **kwargs)
         has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
         tok = load_tokenizer(str(path) if has_tokenizer else base_model or model.config.base_model_name_or_path)
-        return model.eval(), HyperTokenizer(tok, model.config)
+        return model.eval().merge_adapter(), HyperTokenizer(tok, model.config)  # inference only: LoRA folded in
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(name_or_path)

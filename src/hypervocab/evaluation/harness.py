@@ -155,7 +155,7 @@ class HyperLM(LM):
                     pretrained, base_model=AutoModelForCausalLM.from_pretrained(base_model, **kwargs))
             else:
                 model = HyperModel.from_pretrained(pretrained, **kwargs)
-            model = model.to(_available(device or "cpu"))
+            model = model.to(_available(device or "cpu")).merge_adapter()  # scoring only: LoRA folded in
             if tokenizer is None:
                 tokenizer = pretrained
         if isinstance(tokenizer, str):
