@@ -14,6 +14,8 @@ from hypervocab import HyperConfig, HyperModel
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from .models import assert_same_greedy  # noqa: E402  (after the skips: it imports transformers)
+
 pytestmark = pytest.mark.slow
 
 # standard library files that the recipe's split holds out of the shipped model's training set
@@ -59,8 +61,8 @@ def test_shipped_model_loads_merged_and_reads_held_out_code_better_than_untraine
         with torch.no_grad():
             trained = model(codes, labels=codes).loss.item()
             untrained = fresh(codes, labels=codes).loss.item()
-        # measured 3.96 vs 5.27 and 4.72 vs 5.88 nats per code: the shipped weights loaded and training helped
-        assert trained < 0.9 * untrained, (name, trained, untrained)
+        # measured 3.47 vs 5.27 and 4.13 vs 5.88 nats per code (step 340): the shipped weights loaded and training helped
+        assert trained < 0.8 * untrained, (name, trained, untrained)
 
 
 def test_merged_and_unmerged_shipped_model_write_the_same_text(shipped):
@@ -73,7 +75,7 @@ def test_merged_and_unmerged_shipped_model_write_the_same_text(shipped):
             unmerged = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=10)
         finally:
             model.merge_adapter()
-    assert torch.equal(merged, unmerged)
+        assert_same_greedy(model, merged, unmerged, prompt_len=enc["input_ids"].shape[1])
 
 
 def test_demo_shows_three_prompts_their_compression_and_the_speed_table(base_dir, capsys):
