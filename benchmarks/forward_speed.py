@@ -30,7 +30,7 @@ taking turns):
 For the hypervocab model the no-grad forward is also broken down: the
 ``CodebookBatch.from_codes`` trace alone, ``model.encode_entries`` on the
 codebook's phrases alone, and (``codebook_mask="exact"``) the output encoder
-on the distinct per-position candidate phrases (``model._candidates``); the rest is the transformer + head.
+on the distinct per-position candidate phrases (``CodebookBatch.unique_candidates``); the rest is the transformer + head.
 
 The table goes to stdout and, with the raw numbers, to
 ``benchmarks/results/forward_speed.md`` / ``.json``.
@@ -162,7 +162,8 @@ def bench_text(name: str, source: str, text: str, tok: Any, base: torch.nn.Modul
     if model.config.codebook_mask == "exact" and len(cand):
         def enc_cand() -> None:  # what the forward does: the output side, each distinct phrase once
             with torch.no_grad():
-                model._candidates(cb, codes.device)
+                unique, _ = cb.unique_candidates()
+                model.encode_outputs(torch.as_tensor(unique, device=codes.device))
         cand_s, _ = time_median(enc_cand, repeats)
 
     return {

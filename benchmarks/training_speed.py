@@ -1,20 +1,25 @@
 #!/usr/bin/env python
 """Uptraining speed: base tokens per second of hypervocab training vs plain causal-LM LoRA training.
 
-Same base model (SmolLM2-135M-Instruct), same LoRA (r=16 on every attention and
-MLP projection), same optimiser (AdamW), same batch of ``--batch`` windows of
-``--window`` positions, on the same real text (the largest standard-library
-modules, tokenized with SmolLM2).  The plain run reads windows of ``--window``
-base tokens; the hypervocab run reads windows of ``--window`` codes
-(``LZWCodec.encode_windows``, C=2048, M=4), which cover more base tokens, and
-pays for the hyper-encoders and the reconstruction loss (weight 0.1): a step of
-the hypervocab trainer (``hypervocab.training.trainer``) exactly.
+Same base model (SmolLM2-135M-Instruct, or its architecture with random weights: the speed is the same),
+same LoRA (r=16 on every attention and MLP projection), same optimiser (AdamW), same precision, same batch
+of ``--batch`` windows of ``--window`` positions, on the same real text (the largest standard-library
+modules, tokenized with SmolLM2), on one ``--device``.
 
-Timed: whole optimiser steps (forward, backward, AdamW), the two runs taking
-turns step by step after one warm-up step each; the median step time gives base
-tokens per second.
+* plain: a PEFT model reading windows of ``--window`` base tokens, Hugging Face's own loss.
+* hypervocab: the trainer's own step (``hypervocab.training``: micro-batches made ahead by loader
+  processes, the objective with the distillation teacher and the reconstruction loss, chunked scoring),
+  reading windows of ``--window`` codes (C=1024, M=4), which cover more base tokens.
 
-    python benchmarks/training_speed.py                # about 5 minutes on 2 cores
+Timed: whole optimiser steps after two warm-up steps, in blocks of ``--steps`` taking turns, the device
+synchronised only at the ends of a block.  Reported: base tokens per second (median of the blocks), the
+ratio hypervocab / plain, and the model FLOPs utilisation: the model FLOPs of a step (6 x parameters per
+trained position plus the attention's 12 x layers x width x context, and 2 x parameters per base token the
+teacher reads) over the step time, against the peak a large matrix product reaches on this device in the
+same precision (measured first).
+
+    python benchmarks/training_speed.py                                  # CPU, about 5 minutes on 2 cores
+    python benchmarks/training_speed.py --device cuda --batch 32 --window 1024 --compile
     python benchmarks/training_speed.py --quick
 """
 
@@ -49,97 +54,202 @@ def stdlib_ids(tok, n_tokens: int) -> list[list[int]]:
     return docs
 
 
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matrix product on ``device`` in ``dtype`` (median of 5 after a warm-up)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(6):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _load(path: str, random_init: bool, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if random_init:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when there is one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute precision (auto: bfloat16 on a GPU, float32 on a CPU); trained weights stay float32")
     p.add_argument("--window", type=int, default=512, help="positions per window (default 512)")
     p.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
-    p.add_argument("--steps", type=int, default=6, help="timed steps of each run (default 6)")
-    p.add_argument("--quick", action="store_true", help="a smoke run (small windows, 2 steps), nothing written")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed block (default 3)")
+    p.add_argument("--blocks", type=int, default=2, help="timed blocks of each run (default 2)")
+    p.add_argument("--distill-weight", type=float, default=1.0, help="hypervocab's distillation weight (default 1)")
+    p.add_argument("--loader-workers", type=int, default=2, help="hypervocab's loader processes (default 2)")
+    p.add_argument("--compile", action="store_true", help="compile each decoder block (both runs)")
+    p.add_argument("--model", default=None, help="model folder (default: the converted SmolLM2-135M-Instruct)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights from the folder's config.json (no weights needed; same speed)")
+    p.add_argument("--runs", default="plain,hyper", help="which runs to time (default: plain,hyper)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--quick", action="store_true", help="a smoke run (small windows, 1 step per block), nothing kept")
     args = p.parse_args(argv)
     if args.quick:
-        args.window, args.batch, args.steps = 128, 2, 2
+        args.window, args.batch, args.steps, args.blocks = 128, 2, 1, 1
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from assets import smollm2_model_dir
     from hypervocab import HyperConfig, HyperModel
+    from hypervocab.tokenizer import load_tokenizer
+    from hypervocab.training.batches import BatchMaker, micro_batches
     from hypervocab.training.config import TrainConfig
-    from hypervocab.training.trainer import NextHyperHead, ReconstructionHead, _micro_step
+    from hypervocab.training.data import MixtureOrder, WindowSet
+    from hypervocab.training.objective import Objective
+    from hypervocab.training.trainer import compile_blocks
 
-    path = str(smollm2_model_dir())
-    tok = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(0)
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM")
-    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora).train()
-    hyper = HyperModel.from_base(AutoModelForCausalLM.from_pretrained(path), tok,
-                                 HyperConfig(max_codebook_size=2048, max_subtokens=4))
-    hyper.add_lora(LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    hyper.train()
-    D = hyper.embedding.base.weight.shape[1]
-    aux = torch.nn.ModuleDict({"recon": ReconstructionHead(D, 4), "next_hyper": NextHyperHead(D)})
-    cfg = TrainConfig(base_model=path, data=[path], output_dir="unused", window=args.window, batch_size=args.batch)
+    if args.model is None:
+        from assets import smollm2_model_dir
+
+        args.model = str(smollm2_model_dir())
+    tok = load_tokenizer(args.model)
+    lora = dict(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM")
+    plain = get_peft_model(_load(args.model, args.random_init, dtype, device), LoraConfig(**lora)).train()
+    hyper = HyperModel.from_base(_load(args.model, args.random_init, dtype, device), tok,
+                                 HyperConfig(max_codebook_size=1024, max_subtokens=4))
+    hyper.add_lora(LoraConfig(**lora))
+    for model in (plain, hyper):
+        for q in model.parameters():  # what the trainer does: trained weights and optimiser state in float32
+            if q.requires_grad:
+                q.data = q.data.float()
+    if args.compile:
+        for model in (plain, hyper):
+            compile_blocks(model)
+    cfg = TrainConfig(base_model=args.model, data=[args.model], output_dir="unused", window=args.window,
+                      batch_size=args.batch, distill_weight=args.distill_weight)
+    objective = Objective(hyper, cfg, None if dtype == torch.float32 else dtype).to(device).train()
     L, B = args.window, args.batch
-    need = (args.steps + 1) * B * L * 4 // 2
-    docs = stdlib_ids(tok, need)
+    total_steps = 2 + args.steps * args.blocks
+    docs = stdlib_ids(tok, total_steps * B * L * 2)
     flat = np.concatenate([np.asarray(d + [tok.eos_token_id]) for d in docs])
     plain_windows = [flat[i: i + L] for i in range(0, len(flat) - L, L)]
-    hyper_windows = []
+    codes, n_base = [], []
     for d in docs:
         for w in hyper.codec.encode_windows(d + [tok.eos_token_id], L):
             if len(w.codes) == L:
-                hyper_windows.append((w.codes, w.stop - w.start))
-    opt_p = torch.optim.AdamW([q for q in plain.parameters() if q.requires_grad], lr=1e-4)
-    opt_h = torch.optim.AdamW([q for q in hyper.parameters() if q.requires_grad] + list(aux.parameters()), lr=1e-4)
+                codes.append(w.codes)
+                n_base.append(w.stop - w.start)
+    n = len(codes)
+    windows = WindowSet(np.stack(codes), np.stack(codes), np.full(n, L), np.asarray(n_base), np.zeros(n, np.int64))
+    maker = BatchMaker(hyper.codec, position_mode="base", exact=True, score_next_id=True, recon_entries=1024,
+                       teacher=args.distill_weight > 0)
+    batches = iter(micro_batches(windows, MixtureOrder(windows, [1.0], 0), maker, batch_size=B, grad_accum=1,
+                                 world=1, rank=0, seed=0, start_step=0, max_steps=total_steps,
+                                 workers=args.loader_workers, pin=device.type == "cuda"))
+    opt_kw = {"fused": True} if device.type == "cuda" else {}
+    opt_p = torch.optim.AdamW([q for q in plain.parameters() if q.requires_grad], lr=1e-4, **opt_kw)
+    opt_h = torch.optim.AdamW([q for q in objective.parameters() if q.requires_grad], lr=1e-4, **opt_kw)
+    plain_batches = iter(torch.as_tensor(np.stack(plain_windows[i * B: (i + 1) * B])) for i in range(total_steps))
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else None
 
-    def step_plain(i: int) -> int:
-        ids = torch.as_tensor(np.stack(plain_windows[i * B: (i + 1) * B]))
-        plain(input_ids=ids, labels=ids).loss.backward()
+    def step_plain() -> int:
+        ids = next(plain_batches).to(device, non_blocking=True)
+        if autocast is None:
+            loss = plain(input_ids=ids, labels=ids).loss
+        else:
+            with autocast():
+                loss = plain(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt_p.step()
         opt_p.zero_grad(set_to_none=True)
         return int(ids.numel())
 
-    def step_hyper(i: int) -> int:
-        chunk = hyper_windows[i * B: (i + 1) * B]
-        ids = torch.as_tensor(np.stack([c for c, _ in chunk]))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        loss, _ = _micro_step(hyper, aux, cfg, batch, torch.Generator().manual_seed(i), torch.device("cpu"))
+    def step_hyper() -> int:
+        batch = next(batches).to(device)
+        loss, _ = objective(batch)
         loss.backward()
         opt_h.step()
         opt_h.zero_grad(set_to_none=True)
-        return sum(n for _, n in chunk)
+        return batch.base_tokens
 
-    times: dict[str, list[float]] = {"plain": [], "hyper": []}
-    tokens: dict[str, list[int]] = {"plain": [], "hyper": []}
-    for i in range(args.steps + 1):
-        for name, fn in (("plain", step_plain), ("hyper", step_hyper)) if i % 2 == 0 else (
-                ("hyper", step_hyper), ("plain", step_plain)):
-            t0 = time.perf_counter()
-            n = fn(i)
-            dt = time.perf_counter() - t0
-            print(f"  step {i} {name}: {dt:.2f} s, {n} base tokens", file=sys.stderr, flush=True)
-            if i:
-                times[name].append(dt)
-                tokens[name].append(n)
-    tp = statistics.median(times["plain"])
-    th = statistics.median(times["hyper"])
-    np_tok, nh_tok = statistics.mean(tokens["plain"]), statistics.mean(tokens["hyper"])
-    rate_p, rate_h = np_tok / tp, nh_tok / th
-    lines = [f"# training_speed ({torch.get_num_threads()} threads, torch {torch.__version__})", "",
-             f"SmolLM2-135M-Instruct, LoRA r=16 on {', '.join(TARGETS)}; batch {B} x {L} positions; stdlib Python; "
-             f"median of {args.steps} steps, the runs taking turns.", "",
-             "| run | base tokens per step | step time | base tokens/s |", "| --- | ---: | ---: | ---: |",
-             f"| plain LoRA causal LM | {np_tok:.0f} | {tp:.2f} s | {rate_p:.0f} |",
-             f"| hypervocab uptraining (C=2048, M=4, recon 0.1) | {nh_tok:.0f} | {th:.2f} s | {rate_h:.0f} |", "",
-             f"hypervocab / plain: **{rate_h / rate_p:.2f}x** base tokens per second (goal >= 1.2: "
-             f"{'PASS' if rate_h / rate_p >= 1.2 else 'FAIL'}); each window covers {nh_tok / np_tok:.2f}x the base "
-             f"tokens and a step costs {th / tp:.2f}x."]
+    runs = [(name, fn) for name, fn in (("plain", step_plain), ("hyper", step_hyper)) if name in args.runs.split(",")]
+    if not runs:
+        raise SystemExit(f"--runs must name plain and/or hyper, got {args.runs!r}")
+    warmup = {}
+    for name, fn in runs:  # warm-up (and compilation)
+        t = time.perf_counter()
+        for _ in range(2):
+            fn()
+        _sync(device)
+        warmup[name] = time.perf_counter() - t
+    rates: dict[str, list[float]] = {name: [] for name, _ in runs}
+    per_step: dict[str, list[float]] = {name: [] for name, _ in runs}
+    for block in range(args.blocks):
+        for name, fn in runs if block % 2 == 0 else runs[::-1]:
+            _sync(device)
+            t = time.perf_counter()
+            tokens = sum(fn() for _ in range(args.steps))
+            _sync(device)
+            dt = time.perf_counter() - t
+            rates[name].append(tokens / dt)
+            per_step[name].append(dt / args.steps)
+            print(f"  block {block} {name}: {dt / args.steps:.3f} s/step, {tokens / dt:,.0f} base tokens/s",
+                  file=sys.stderr, flush=True)
+    params = sum(q.numel() for q in plain.get_base_model().parameters())
+    mcfg = plain.get_base_model().config
+    attn = 12 * mcfg.num_hidden_layers * mcfg.hidden_size * L  # per position, causal context ~ L
+    peak = peak_flops(device, dtype)
+    base_per_step = float(np.mean(n_base[: B])) * B
+    flops = {"plain": (6 * params + attn) * B * L,
+             "hyper": (6 * params + attn) * B * L + (2 * params * base_per_step if args.distill_weight > 0 else 0)}
+    tokens = {"plain": B * L, "hyper": base_per_step}
+    names = {"plain": "plain LoRA causal LM",
+             "hyper": f"hypervocab uptraining (C=1024, M=4, distill {args.distill_weight:g}, recon 0.1)"}
+    figures = {"args": {k: str(v) for k, v in vars(args).items()}, "rates": rates, "step_seconds": per_step,
+               "warmup_seconds": warmup, "peak_flops": peak, "base_tokens_per_s": {}, "mfu": {}}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    figures["device"] = where
+    lines = [f"# training_speed ({where}, {str(dtype).replace('torch.', '')}, torch {torch.__version__}"
+             f"{', compiled' if args.compile else ''})", "",
+             f"SmolLM2-135M-Instruct{' (random weights)' if args.random_init else ''}, LoRA r=16 on "
+             f"{', '.join(TARGETS)}; batch {B} x {L} positions; stdlib Python; median of {args.blocks} blocks of "
+             f"{args.steps} steps, the runs taking turns; peak {peak / 1e12:.1f} TFLOP/s measured by a matrix product.",
+             "", "| run | base tokens per step | step time | base tokens/s | MFU |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in rates:
+        step_s = statistics.median(per_step[name])
+        rate = statistics.median(rates[name])
+        figures["base_tokens_per_s"][name] = rate
+        figures["mfu"][name] = flops[name] / step_s / peak
+        lines.append(f"| {names[name]} | {tokens[name]:.0f} | {step_s:.3f} s | {rate:,.0f} | "
+                     f"{figures['mfu'][name]:.1%} |")
+    if len(rates) == 2:
+        ratio = figures["base_tokens_per_s"]["hyper"] / figures["base_tokens_per_s"]["plain"]
+        figures["ratio"] = ratio
+        cost = statistics.median(per_step["hyper"]) / statistics.median(per_step["plain"])
+        lines += ["", f"hypervocab / plain: **{ratio:.2f}x** base tokens per second; each window covers "
+                      f"{base_per_step / (B * L):.2f}x the base tokens and a step costs {cost:.2f}x."]
     text = "\n".join(lines)
     print(text)
-    if not args.quick:
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    if not args.quick and args.json is None:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "training_speed.md").write_text(text + "\n")
-        (RESULTS / "training_speed.json").write_text(json.dumps(
-            {"args": vars(args), "times": times, "tokens": tokens, "ratio": rate_h / rate_p}, indent=2) + "\n")
+        suffix = "" if device.type == "cpu" else f"_{device.type}"
+        (RESULTS / f"training_speed{suffix}.md").write_text(text + "\n")
+        (RESULTS / f"training_speed{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

@@ -188,3 +188,17 @@ def test_eval_lm_eval_hands_its_arguments_to_lm_eval(capsys):
     pytest.importorskip("lm_eval")
     assert main(["eval", "lm-eval", "--help"]) == 0
     assert "Language Model Evaluation Harness" in capsys.readouterr().out
+
+
+def test_distinct_ngram_ratio_golden_examples_and_errors():
+    from hypervocab.errors import ConfigError, InputTypeError
+    from hypervocab.evaluation.diversity import distinct_ngram_ratio
+
+    assert distinct_ngram_ratio([1, 2, 3, 4, 5]) == 1.0
+    assert distinct_ngram_ratio([7] * 10) == 1 / 7  # seven 4-grams, all the same
+    assert distinct_ngram_ratio([1, 2, 1, 2, 1, 2], n=2) == 2 / 5
+    assert distinct_ngram_ratio([1, 2, 3]) == 1.0  # no 4-gram at all: nothing repeats
+    with pytest.raises(ConfigError, match="n must be an int >= 1, got 0"):
+        distinct_ngram_ratio([1, 2], n=0)
+    with pytest.raises(InputTypeError, match="ids must be a sequence of token ids, got str"):
+        distinct_ngram_ratio("abcd")

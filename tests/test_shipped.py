@@ -92,3 +92,5 @@ def test_demo_shows_three_prompts_their_compression_and_the_speed_table(base_dir
     assert len(stats) == 3 and all(int(n) == 6 for n, _ in stats)
     table = [line for line in out.splitlines() if re.match(r"\| [a-z ]+ \| \d+ -> \d+ \| 6 -> \d+ \|", line)]
     assert len(table) == 3 and table[0].startswith("| continue real code | ")
+    # the distinct 4-gram ratios of the hypervocab output and the base model's, on the same prompt
+    assert all(re.search(r"\| [01]\.\d\d / [01]\.\d\d \|$", line) for line in table), table

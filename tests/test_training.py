@@ -232,3 +232,66 @@ def test_bad_configs_fail_before_any_compute(base_dir, repetitive_data, tmp_path
     assert not (tmp_path / "big").exists()
     with pytest.raises(ConfigError, match="unknown training settings: learning_rate"):
         TrainConfig.from_dict({"base_model": str(base_dir), "data": [], "output_dir": "o", "learning_rate": 1})
+
+
+def test_loader_workers_do_not_change_the_run(base_dir, repetitive_data, tmp_path):
+    """Micro-batches made ahead in loader processes are exactly those made in the training process."""
+    for workers in (0, 2):
+        train(config(base_dir, repetitive_data, tmp_path / f"w{workers}", max_steps=4, loader_workers=workers),
+              progress=False)
+    a, b = ([(r["lm_loss"], r["distill_loss"], r["recon_loss"]) for r in metrics(tmp_path / d) if "lm_loss" in r]
+            for d in ("w0", "w2"))
+    assert len(a) == 4 and a == b
+
+
+def test_distillation_keeps_the_model_near_its_base(base_dir, repetitive_data, tmp_path):
+    """Same tokens, with and without the distillation: with it the first-token KL from the base model is lower.
+
+    (A tiny random base model is a poor teacher and the repetitive data pulls hard, so the weight is high here.)
+    """
+    from hypervocab.evaluation.likelihood import first_token_divergence
+
+    kl = {}
+    for weight in (0.0, 3.0):
+        out = tmp_path / f"d{weight}"
+        train(config(base_dir, repetitive_data, out, max_steps=30, distill_weight=weight, lr=3e-3, encoder_lr=3e-3),
+              progress=False)
+        model = HyperModel.from_pretrained(out).eval()
+        held_out = "".join(LINES[k % len(LINES)] for k in (1, 3, 0, 2, 1, 0))
+        kl[weight] = first_token_divergence(model, HyperTokenizer.from_pretrained(out).tokenizer, [held_out])[
+            "kl_per_code"]
+    assert kl[3.0] < 0.85 * kl[0.0], kl
+    logged = [r for r in metrics(tmp_path / "d3.0") if "lm_loss" in r]
+    assert logged[-1]["distill_loss"] < 0.85 * logged[0]["distill_loss"]
+    assert all("distill_loss" not in r for r in metrics(tmp_path / "d0.0"))
+
+
+def test_bfloat16_compute_keeps_the_trained_weights_float32(base_dir, repetitive_data, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    result = train(config(base_dir, repetitive_data, out, max_steps=3, dtype="bfloat16"), progress=False)
+    assert result["steps"] == 3 and all(r["lm_loss"] == r["lm_loss"] for r in metrics(out) if "lm_loss" in r)
+    for name in ("hypervocab_encoders.safetensors", "adapter_model.safetensors"):
+        tensors = load_file(str(out / name))
+        assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}, name
+
+
+def test_max_minutes_stops_the_loop_and_still_saves(base_dir, repetitive_data, tmp_path):
+    out = tmp_path / "timed"
+    result = train(config(base_dir, repetitive_data, out, max_steps=1000, max_minutes=1e-4, log_every=100),
+                   progress=False)
+    assert result["steps"] == 1 and result["eval_loss"] is None
+    assert [r["step"] for r in metrics(out) if "lm_loss" in r] == [1]  # the last step is logged
+    assert (out / "hypervocab_encoders.safetensors").is_file()
+
+
+def test_new_settings_are_checked_before_any_compute(base_dir, repetitive_data, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        config(base_dir, repetitive_data, tmp_path / "o", distill_weight=-1, max_minutes=0, compile="yes",
+               loader_workers=-1, recon_entries=0)
+    for part in ["distill_weight must be a finite number >= 0.0, got -1",
+                 "max_minutes must be a number of minutes > 0, or null for no limit, got 0",
+                 "compile must be true or false, got 'yes'", "loader_workers must be an int >= 0, got -1",
+                 "recon_entries must be an int >= 1, got 0"]:
+        assert part in str(e.value)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .errors import InputTypeError, InvalidCodeError
+from .errors import InputTypeError, InvalidCodeError, InvalidTokenError
 
-__all__ = ["Codebook", "CodebookBatch", "Entry", "next_candidates"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Codebook", "CodebookBatch", "Entry", "PreparedCodebooks", "next_candidates"]
 
 
 class Entry(NamedTuple):
@@ -149,6 +153,110 @@ class CodebookBatch:
 
     def __reduce__(self):
         return (CodebookBatch, tuple(getattr(self, k) for k in self.__slots__))
+
+    def unique_candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct candidate phrases ``[U, M]`` and, per position, the index of its own ``[B, T]``
+        (``-1`` where no new id may follow): many positions share one, and each is encoded once."""
+        ok = self.candidates[..., 0] >= 0
+        index = np.full(ok.shape, -1, dtype=np.int64)
+        if not ok.any():
+            return np.zeros((0, self.candidates.shape[-1]), np.int64), index
+        unique, inverse = np.unique(self.candidates[ok], axis=0, return_inverse=True)
+        index[ok] = inverse.reshape(-1)
+        return unique, index
+
+
+@dataclass
+class PreparedCodebooks:
+    """A ``[B, T]`` batch's codebook facts as tensors, everything a forward reads, made ahead on the CPU.
+
+    A forward given these never waits for the host: the ids were checked and traced when these were made
+    (in a DataLoader worker, say), and ``width`` is a plain int.  Move them with :meth:`to` (pinned first
+    with :meth:`pin_memory` for an asynchronous copy).
+
+    Attributes:
+        phrases: ``[N, M]`` every entry of every row, padded with ``-1``.
+        entry_row / entry_slot: ``[N]`` the batch row and table row of each entry.
+        visible: ``[B, T]`` table rows scored at each position (rows ``< visible``).
+        candidates: ``[U, M]`` the distinct phrases of the one new id that may follow a position.
+        candidate_index: ``[B, T]`` which candidate follows each position, ``-1`` where none may.
+        lengths: ``[B, T]`` base tokens each code stands for.
+        width: table rows the batch needs.
+    """
+
+    phrases: torch.Tensor
+    entry_row: torch.Tensor
+    entry_slot: torch.Tensor
+    visible: torch.Tensor
+    candidates: torch.Tensor
+    candidate_index: torch.Tensor
+    lengths: torch.Tensor
+    width: int
+
+    @classmethod
+    def from_batch(cls, cb: CodebookBatch, *, max_codebook_size: int, exact: bool = True,
+                   score_next_id: bool = True) -> PreparedCodebooks:
+        """Tensors of a :class:`CodebookBatch`.
+
+        exact: position ``t`` scores only the rows installed by codes ``<= t`` (``codebook_mask="exact"``),
+            else every row of its sequence; score_next_id: also the one new id that may come next
+            (exact only).
+        """
+        import torch
+
+        B, T = cb.n_after.shape
+        M = cb.phrases.shape[1]
+        needed = max(int(cb.counts.max(initial=0)), int(cb.n_after.max(initial=0)) + int(exact))
+        visible = cb.n_after if exact else np.repeat(cb.counts[:, None], T, axis=1)
+        if exact and score_next_id:
+            candidates, index = cb.unique_candidates()
+        else:
+            candidates, index = np.zeros((0, M), np.int64), np.full((B, T), -1, np.int64)
+        t = (lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)))
+        return cls(t(cb.phrases), t(cb.entry_row), t(cb.entry_slot), t(visible), t(candidates), t(index),
+                   t(cb.lengths), min(max_codebook_size, needed))
+
+    @classmethod
+    def from_codes(cls, codec: Any, codes: Any, *, exact: bool = True, score_next_id: bool = True) -> PreparedCodebooks:
+        """Trace ``codes`` ``[B, T]`` (checked on the way: an invalid code raises) with ``codec`` (an
+        :class:`~hypervocab.LZWCodec`) and keep the tensors."""
+        return cls.from_batch(CodebookBatch.from_codes(codec, codes), max_codebook_size=codec.max_codebook_size,
+                              exact=exact, score_next_id=score_next_id)
+
+    @classmethod
+    def base_only(cls, ids: Any, *, base_vocab_size: int, max_subtokens: int) -> PreparedCodebooks:
+        """For ``[B, L]`` base ids read as they are (no hypertoken, no codebook): what a forward of the plain
+        base model's view of a text reads.  Every id must be in ``[0, base_vocab_size)``."""
+        import torch
+
+        arr = np.asarray(ids.detach().cpu().numpy() if hasattr(ids, "detach") else ids)
+        if arr.ndim != 2:
+            raise InputTypeError(f"ids must be a [batch, length] array, got shape {tuple(arr.shape)}")
+        bad = (arr < 0) | (arr >= base_vocab_size)
+        if bad.any():
+            b, t = (int(x) for x in np.argwhere(bad)[0])
+            raise InvalidTokenError(f"ids[{b}][{t}] = {int(arr[b, t])} is not a base id: they are [0, "
+                                    f"{base_vocab_size})")
+        B, L = arr.shape
+        z = torch.zeros
+        return cls(z(0, max_subtokens, dtype=torch.long), z(0, dtype=torch.long), z(0, dtype=torch.long),
+                   z(B, L, dtype=torch.long), z(0, max_subtokens, dtype=torch.long), torch.full((B, L), -1),
+                   torch.ones(B, L, dtype=torch.long), 0)
+
+    def _map(self, fn: Any) -> PreparedCodebooks:
+        return PreparedCodebooks(**{f.name: (fn(v) if f.name != "width" else v)
+                                    for f in fields(self) for v in [getattr(self, f.name)]})
+
+    def to(self, device: Any, *, non_blocking: bool = False) -> PreparedCodebooks:
+        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> PreparedCodebooks:
+        return self._map(lambda x: x.pin_memory())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(B, T)``."""
+        return tuple(self.visible.shape)
 
 
 def next_candidates(pending: np.ndarray, n_after: np.ndarray, max_codebook_size: int) -> np.ndarray:

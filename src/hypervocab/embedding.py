@@ -42,15 +42,22 @@ class HyperEmbedding(nn.Module):
         self.base.weight = value
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids`` [B, T] -> [B, T, D]."""
+        """``input_ids`` [B, T] -> [B, T, D].
+
+        Inside a :class:`HyperModel` call (``table`` set) nothing here waits for the device: the ids were
+        checked before, and a table of width 0 says they are all base ids.
+        """
         V = self.base_vocab_size
-        hyper = input_ids >= V
-        out = self.base(input_ids.masked_fill(hyper, 0))
-        if not bool(hyper.any()):
-            return out
         table = self.table
         if table is None:
-            raise InvalidCodeError(f"ids >= {V} are hypertokens: call the HyperModel, not the base model directly")
+            if bool((input_ids >= V).any()):  # outside a HyperModel call: one check, then the plain module
+                raise InvalidCodeError(f"ids >= {V} are hypertokens: call the HyperModel, not the base model "
+                                       f"directly")
+            return self.base(input_ids)
+        if table.shape[1] == 0:
+            return self.base(input_ids)
+        hyper = input_ids >= V
+        out = self.base(input_ids.masked_fill(hyper, 0))
         idx = (input_ids - V).clamp(min=0, max=table.shape[1] - 1)
         rows = torch.gather(table, 1, idx.unsqueeze(-1).expand(-1, -1, table.shape[-1]))
         return torch.where(hyper.unsqueeze(-1), rows.to(out.dtype), out)
@@ -65,12 +72,21 @@ class HeadContext:
     candidates: ``[B, T, D]`` output vector of the new id that may legally follow position ``t``
         (scored at row ``visible[b, t]``), or ``None``.
     candidate_ok: ``[B, T]`` bool, where a candidate exists.
+    capture: the head computes no logits: it keeps its input ``[B, T, D]`` in ``hidden`` and returns a
+        ``[B, T, 0]`` tensor (training scores the hidden states itself, a chunk at a time).
     """
 
     table: torch.Tensor
     visible: torch.Tensor
     candidates: torch.Tensor | None = None
     candidate_ok: torch.Tensor | None = None
+    capture: bool = False
+    hidden: torch.Tensor | None = None
+
+    def positions(self, start: int, stop: int) -> HeadContext:
+        """The context of positions ``start .. stop - 1`` alone (what scoring a chunk of hidden states reads)."""
+        cut = (lambda x: None if x is None else x[:, start:stop])
+        return HeadContext(self.table, cut(self.visible), cut(self.candidates), cut(self.candidate_ok))
 
 
 class HyperHead(nn.Module):
@@ -96,6 +112,9 @@ class HyperHead(nn.Module):
         V, C = self.base_vocab_size, self.max_codebook_size
         B, T, D = hidden.shape
         ctx = self.context
+        if ctx is not None and ctx.capture:
+            ctx.hidden = hidden
+            return hidden.new_zeros(B, T, 0)
         if torch.is_grad_enabled() and ctx is not None and C and ctx.table.shape[1]:
             return self._training_forward(hidden, ctx)
         flat_h = hidden.reshape(B * T, D)

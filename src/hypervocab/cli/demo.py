@@ -51,6 +51,7 @@ def _prompts(tok: Any) -> list[tuple[str, str, bool]]:
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
+    from ..evaluation.diversity import distinct_ngram_ratio
     from ..generation import HyperTextStreamer
     from ..pretrained import load_default, shipped_dir
 
@@ -93,28 +94,33 @@ def run_demo(args: argparse.Namespace) -> int:
         hyper_s = time.perf_counter() - t
         st = out.stats[0]
         print()
-        base_tps = None
+        base_tps = base_distinct = None
         if not args.no_speed:
             base_ids = torch.tensor([tok(prompt, add_special_tokens=special)["input_ids"]])
             n = st.base_tokens
             with torch.no_grad(), model.disable_adapter():
                 t = time.perf_counter()
-                model.base.generate(base_ids, attention_mask=torch.ones_like(base_ids), max_new_tokens=n,
-                                    min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+                base_out = model.base.generate(base_ids, attention_mask=torch.ones_like(base_ids), max_new_tokens=n,
+                                               min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
                 base_s = time.perf_counter() - t
             base_tps = n / base_s
+            base_distinct = distinct_ngram_ratio(base_out[0, base_ids.shape[1]:].tolist())
         hyper_tps = st.base_tokens / hyper_s
+        hyper_distinct = distinct_ngram_ratio(out.new_base_ids[0])
         line = (f"output {st.base_tokens} base tokens in {st.codes} codes ({st.hypertokens} hypertokens, "
                 f"{st.base_tokens_per_code:.2f} tokens per code); {hyper_tps:.1f} tokens/s")
         if base_tps:
             line += f" vs base model {base_tps:.1f} tokens/s: {hyper_tps / base_tps:.2f}x"
         print(dim(line))
-        summary.append((title, n_tokens, n_codes, st.base_tokens, st.codes, hyper_tps, base_tps))
-    print("\n| prompt | prompt tokens -> codes | output tokens -> codes | hypervocab tok/s | base tok/s | speed-up |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for title, nt, nc, ot, oc, h, b in summary:
+        summary.append((title, n_tokens, n_codes, st.base_tokens, st.codes, hyper_tps, base_tps, hyper_distinct,
+                        base_distinct if base_tps else None))
+    print("\n| prompt | prompt tokens -> codes | output tokens -> codes | hypervocab tok/s | base tok/s | speed-up "
+          "| distinct 4-grams, hypervocab / base |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for title, nt, nc, ot, oc, h, b, hd, bd in summary:
         speed = f"{b:.1f} | {h / b:.2f}x" if b else "- | -"
-        print(f"| {title.split(' (')[0]} | {nt} -> {nc} | {ot} -> {oc} | {h:.1f} | {speed} |")
+        distinct = f"{hd:.2f} / {bd:.2f}" if bd is not None else f"{hd:.2f} / -"
+        print(f"| {title.split(' (')[0]} | {nt} -> {nc} | {ot} -> {oc} | {h:.1f} | {speed} | {distinct} |")
     return 0
 
 

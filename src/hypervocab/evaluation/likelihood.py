@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, InputTypeError
 
-__all__ = ["Continuation", "TextScore", "bits_per_byte_report", "continuation_logprob", "format_bits_per_byte_markdown",
-           "prefix_id", "score_texts", "sliding_windows", "window_pairs"]
+__all__ = ["Continuation", "TextScore", "bits_per_byte_report", "continuation_logprob", "first_token_divergence",
+           "format_bits_per_byte_markdown", "prefix_id", "score_texts", "sliding_windows", "window_pairs"]
 
 
 @dataclass
@@ -227,3 +227,50 @@ def format_bits_per_byte_markdown(rows: Sequence[dict[str, Any]]) -> str:
                      f"{r['base_bits_per_byte']:.4f} | {r['hypervocab_bits_per_byte']:.4f} | {r['ratio']:.3f} | "
                      f"{r['base_byte_perplexity']:.4f} | {r['hypervocab_byte_perplexity']:.4f} |")
     return "\n".join(lines)
+
+
+@torch.inference_mode()
+def first_token_divergence(model: Any, tokenizer: Any, texts: Sequence[str], *, window: int = 1024) -> dict[str, float]:
+    """How far the model's next-code distribution, summed onto first base tokens, is from the base model's.
+
+    A code's first base token is the text's next base token, so at every code position the model
+    implies a next-token distribution; this is its KL divergence from the base model's next-token
+    distribution at the same text position (LoRA off, base ids), in nats per code, averaged over
+    every code position that has a next code.  It is what the distillation term of training
+    minimises; 0 means the model predicts the next base token exactly as its base model does.
+    Each text is read in consecutive windows of ``window`` base tokens.
+
+    Returns ``{"kl_per_code": float, "codes": int, "tokens": int}``.
+    """
+    from ..codebook import PreparedCodebooks
+    from ..loss import first_tokens, next_code_targets, score_chunks
+
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise InputTypeError("texts must be a list of str")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ConfigError(f"window must be an int >= 2, got {window!r}")
+    device = next(model.parameters()).device
+    codec = model.codec
+    total, positions, n_codes, n_tokens = 0.0, 0, 0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for s in range(0, len(ids), window):
+            base = torch.tensor([ids[s: s + window]])
+            codes = torch.as_tensor(codec.encode(base[0]))[None]
+            prep = PreparedCodebooks.from_codes(codec, codes, exact=model.config.codebook_mask == "exact",
+                                                score_next_id=model.config.score_next_id)
+            out = model(codes.to(device), codebooks=prep, compute_logits=False)
+            with model.disable_adapter():
+                teacher = model(base.to(device), compute_logits=False, codebooks=PreparedCodebooks.base_only(
+                    base, base_vocab_size=codec.base_vocab_size, max_subtokens=codec.max_subtokens)).hidden_states
+            ends = (prep.lengths.cumsum(1) - 1).to(device)
+            teacher = teacher.gather(1, ends.unsqueeze(-1).expand(-1, -1, teacher.shape[-1]))
+            targets = next_code_targets(codes, torch.ones_like(codes)).to(device)
+            prep = prep.to(device)
+            scores = score_chunks(model, out.hidden_states, out.head_context, targets, teacher_hidden=teacher,
+                                  first=first_tokens(prep, out.head_context.table.shape[1]))
+            total += float(scores.distillation)
+            positions += int((targets != -100).sum())
+            n_codes += codes.shape[1]
+            n_tokens += base.shape[1]
+    return {"kl_per_code": total / max(positions, 1), "codes": n_codes, "tokens": n_tokens}

@@ -4,7 +4,12 @@ Determinism is what makes resume and multi-process runs checkable: which windows
 a micro-batch reads depends only on (step, micro-batch, rank) through
 :class:`~hypervocab.training.data.MixtureOrder`, the auxiliary loss samples its
 entries from a generator seeded the same way, and a checkpoint holds every
-piece of state (weights, optimiser, scheduler, RNGs, step).  Processes average
+piece of state (weights, optimiser, scheduler, RNGs, step).
+
+On a GPU the step never waits for the host: micro-batches are made ahead in loader processes
+(:mod:`hypervocab.training.batches`) and copied from pinned memory, the losses are scored a chunk at
+a time (:mod:`hypervocab.loss`), the compute runs in bfloat16 while the trainable weights and their
+optimiser state stay float32, and the logged numbers are read back only every ``log_every`` steps.  Processes average
 their gradients with one all-reduce per step (gloo on CPU, NCCL on GPUs), or shard the model with
 FSDP2 and reduce-scatter them, so
 N processes with accumulation A compute what one process computes with N x A.
@@ -29,48 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .batches import BatchMaker, eval_batches, micro_batches
 from .config import TrainConfig
+from .objective import NextHyperHead, Objective, ReconstructionHead
 
-__all__ = ["train", "ReconstructionHead", "NextHyperHead", "RunResult"]
+__all__ = ["train", "compile_blocks", "ReconstructionHead", "NextHyperHead", "RunResult"]
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-# entries per micro-batch scored by the reconstruction loss: each costs M x V logits, so a sample is enough
-_RECON_ENTRIES = 32
-
-
-class ReconstructionHead(nn.Module):
-    """Recovers the ``M`` base tokens of an entry from its input embedding (the auxiliary loss).
-
-    One query per slot maps the embedding to a vector scored against the base
-    embedding matrix, so the head stays small however large ``V`` is.
-    """
-
-    def __init__(self, dim: int, max_subtokens: int, hidden: int | None = None) -> None:
-        super().__init__()
-        hidden = hidden or min(dim, 256)
-        self.max_subtokens = max_subtokens
-        self.slots = nn.Linear(dim, max_subtokens * hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.out = nn.Linear(hidden, dim)
-
-    def loss(self, embeddings: torch.Tensor, phrases: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """``embeddings`` [N, D], ``phrases`` [N, M] (-1 padded), ``table`` [V, D] -> mean cross-entropy."""
-        N, M = phrases.shape
-        h = self.out(self.norm(self.slots(embeddings).view(N, self.max_subtokens, -1)[:, :M]))  # [N, M, D]
-        logits = h @ table.t()  # [N, M, V]
-        return F.cross_entropy(logits.reshape(N * M, -1).float(), phrases.reshape(-1), ignore_index=-1)
-
-
-class NextHyperHead(nn.Module):
-    """Predicts from the last hidden state whether the next code is a hypertoken (optional auxiliary loss)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, 1)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden).squeeze(-1)
 
 
 class RunResult(dict):
@@ -91,6 +62,7 @@ def _dist() -> tuple[int, int]:
 
 
 def _dtype(name: str) -> torch.dtype:
+    """The dtype of the frozen base weights and of the compute; ``"auto"``: bfloat16 on a GPU that has it."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
@@ -106,20 +78,25 @@ def _available_memory() -> int:
 
 
 def _check_memory(config: TrainConfig, V: int, D: int, n_params: int) -> None:
-    """Refuse settings whose logits alone cannot fit, before any work (what to lower is in the message)."""
+    """Refuse settings whose scoring alone cannot fit, before any work (what to lower is in the message)."""
+    from ..loss import _CHUNK_CELLS
+
     C = config.hyper.max_codebook_size
     item = 2 if _dtype(config.dtype) != torch.float32 else 4
-    # the [B, T, V + C] logits, their gradient and a float32 chunk of the loss; the hypertoken tables
-    logits = config.batch_size * config.window * (V + C) * (2 * item + 4)
-    tables = 2 * config.batch_size * C * D * 4 * 3
-    need = logits + tables + n_params * item * 2
+    B, T = config.batch_size, config.window
+    # a chunk of float32 logits (at least one position of every row) and the few tensors derived from it,
+    # kept twice (forward and the checkpointed backward); the hypertoken tables [B, C, D]; the hidden states
+    cells = min(B * T * (V + C), max(B * (V + C), _CHUNK_CELLS["other" if torch.cuda.is_available() else "cpu"]))
+    scoring = cells * 4 * 6 * 2
+    tables = 2 * B * C * D * 4 * 3
+    need = scoring + tables + B * T * D * 4 * 4 + n_params * item * 2
     have = _available_memory()
     if need > have:
         raise ConfigError(
             f"batch_size={config.batch_size}, window={config.window} and max_codebook_size={C} need about "
-            f"{need / 2**30:.1f} GiB (logits over V + C = {V + C} ids for every position, hypertoken tables "
-            f"[B, C, D]) but only {have / 2**30:.1f} GiB is available: lower batch_size (and raise grad_accum), "
-            f"window or max_codebook_size")
+            f"{need / 2**30:.1f} GiB (logits over V + C = {V + C} ids, scored a chunk of positions at a time, "
+            f"hypertoken tables [B, C, D]) but only {have / 2**30:.1f} GiB is available: lower batch_size (and "
+            f"raise grad_accum), window or max_codebook_size")
 
 
 def _build_model(config: TrainConfig, rank: int) -> tuple[Any, Any]:
@@ -145,7 +122,26 @@ def _build_model(config: TrainConfig, rank: int) -> tuple[Any, Any]:
             linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
             raise ConfigError(f"lora.target_modules={config.lora.target_modules!r} does not fit this model ({e}); "
                               f"its linear layers are named: {', '.join(linear)}") from None
+    for p in model.parameters():  # the frozen base may be bfloat16; what is trained, and AdamW's state, is float32
+        if p.requires_grad:
+            p.data = p.data.float()
+    if config.compile:
+        compile_blocks(base)
     return model, HyperTokenizer(tok, model.config)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each decoder block of ``model`` in place; returns how many.
+
+    Only the blocks: the hypertoken tables, the codec's bookkeeping and the chunked scoring stay eager,
+    and the window length may change from batch to batch (dynamic shapes).
+    """
+    # transformers names the blocks a model must not be split inside: its decoder layers
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    found = [m for m in model.modules() if type(m).__name__ in blocks]
+    for module in found:
+        module.compile(dynamic=True)
+    return len(found)
 
 
 def _schedule(config: TrainConfig):
@@ -170,7 +166,7 @@ def _checkpoints(output_dir: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("-")[1]))
 
 
-def _save_checkpoint(output_dir: Path, step: int, objective: _Objective, opt: Any, sched: Any, *,
+def _save_checkpoint(output_dir: Path, step: int, objective: Objective, opt: Any, sched: Any, *,
                      sharded: bool, rank: int, keep: int = 2) -> None:
     """Write ``checkpoints/step-N`` atomically (rank 0 writes; under FSDP every process gathers first)."""
     model, aux = objective.model, objective.aux
@@ -200,7 +196,7 @@ def _save_checkpoint(output_dir: Path, step: int, objective: _Objective, opt: An
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, objective: _Objective, opt: Any, sched: Any, *, sharded: bool) -> int:
+def _load_checkpoint(path: Path, objective: Objective, opt: Any, sched: Any, *, sharded: bool) -> int:
     """Restore everything :func:`_save_checkpoint` wrote; every process reads the files itself."""
     from safetensors.torch import load_file
 
@@ -235,78 +231,7 @@ def _load_checkpoint(path: Path, objective: _Objective, opt: Any, sched: Any, *,
     return int(json.loads((path / "state.json").read_text())["step"])
 
 
-# ---------------------------------------------------------------------------------------------- one micro-batch
-
-
-def _micro_step(model: Any, aux: nn.ModuleDict, config: TrainConfig, batch: dict[str, torch.Tensor],
-                generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-    from ..codebook import CodebookBatch
-
-    V = model.codec.base_vocab_size
-    ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-    cb = CodebookBatch.from_codes(model.codec, ids)
-    captured: dict[str, torch.Tensor] = {}
-    hook = None
-    if config.next_hyper_weight > 0:
-        hook = model.head.register_forward_pre_hook(lambda _m, args: captured.__setitem__("hidden", args[0]))
-    try:
-        out = model(ids, mask, labels=labels, codebooks=cb)
-    finally:
-        if hook is not None:
-            hook.remove()
-    loss = out.loss
-    terms = {"lm_loss": float(out.loss.detach())}
-    if config.recon_weight > 0 and len(cb.phrases):
-        n = len(cb.phrases)
-        pick = torch.randperm(n, generator=generator)[: min(n, _RECON_ENTRIES)].numpy()
-        phrases = torch.as_tensor(cb.phrases[np.sort(pick)], device=device)
-        emb = model.encode_inputs(phrases)
-        recon = aux["recon"].loss(emb, phrases, model.embedding.base.weight)
-        loss = loss + config.recon_weight * recon
-        terms["recon_loss"] = float(recon.detach())
-    if config.next_hyper_weight > 0:
-        target = labels[:, 1:]
-        valid = target != -100
-        logit = aux["next_hyper"](captured["hidden"][:, :-1].float())
-        nh = F.binary_cross_entropy_with_logits(logit[valid], (target[valid] >= V).float())
-        loss = loss + config.next_hyper_weight * nh
-        terms["next_hyper_loss"] = float(nh.detach())
-    with torch.no_grad():
-        target = labels[:, 1:]
-        valid = target != -100
-        hyper = valid & (target >= V)
-        terms["hyper_targets"] = float(hyper.sum())
-        terms["targets"] = float(valid.sum())
-        if hyper.any():
-            pred = out.logits[:, :-1][hyper].argmax(-1)
-            terms["hyper_correct"] = float((pred == target[hyper]).sum())
-        else:
-            terms["hyper_correct"] = 0.0
-    return loss, terms
-
-
-class _Objective(nn.Module):
-    """The model and the auxiliary heads as one module whose forward computes a micro-batch's losses.
-
-    FSDP gathers a unit's weights only inside that unit's forward, and the losses read weights outside
-    the decoder layers (the encoders, the embedding matrix, the aux heads): making the whole objective
-    the root unit keeps every read inside one forward.
-    """
-
-    def __init__(self, model: Any, aux: nn.ModuleDict, config: TrainConfig, device: torch.device) -> None:
-        super().__init__()
-        self.model, self.aux, self.config, self.device = model, aux, config, device
-
-    def forward(self, batch: dict[str, torch.Tensor],
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        if generator is None:  # evaluation: the next-code loss alone
-            out = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                             labels=batch["labels"].to(self.device))
-            return out.loss, {}
-        return _micro_step(self.model, self.aux, self.config, batch, generator, self.device)
-
-
-def _shard(objective: _Objective) -> None:
+def _shard(objective: Objective) -> None:
     """FSDP2: every decoder layer is its own unit, the rest of the objective the root unit."""
     from torch.distributed.fsdp import fully_shard
 
@@ -318,7 +243,7 @@ def _shard(objective: _Objective) -> None:
     fully_shard(objective)
 
 
-def _full_trainable_state(objective: _Objective, opt: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _full_trainable_state(objective: Objective, opt: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The trainable weights and the optimiser state of a sharded objective, whole, on rank 0's CPU.
 
     A collective: every process calls it.  Frozen base weights are left out, so this stays small
@@ -344,14 +269,18 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
 
     Everything is checked before any compute: the config itself (all problems together), then the
     model's LoRA targets and the memory the settings need, then the data.  Resumes from the newest
-    checkpoint in ``output_dir`` when ``config.resume``.
+    checkpoint in ``output_dir`` when ``config.resume``.  With ``max_minutes`` the loop stops after
+    that much time (the model is evaluated and saved as at the end).
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
     from .data import MixtureOrder, build_windows
 
+    started = time.perf_counter()
     rank, world = _dist()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     out_dir = Path(config.output_dir)
     show = (sys.stderr.isatty() if progress is None else progress) and rank == 0
     torch.manual_seed(config.seed)
@@ -377,11 +306,10 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
         raise ConfigError("the data gave no training windows (every document went to the eval split?): "
                           "lower eval_fraction or add data")
     order = MixtureOrder(train_set, [d.weight for d in config.data], config.seed)
-    D = model.embedding.base.weight.shape[1]
     torch.manual_seed(config.seed)  # the aux heads start the same in every process
-    aux = nn.ModuleDict({"recon": ReconstructionHead(D, model.codec.max_subtokens),
-                         "next_hyper": NextHyperHead(model.head.base.weight.shape[1])}).to(device)
-    objective = _Objective(model, aux, config, device)
+    dtype = _dtype(config.dtype)
+    objective = Objective(model, config, None if dtype == torch.float32 else dtype).to(device)
+    aux = objective.aux
     sharded = world > 1 and config.distributed == "fsdp"
     if sharded:
         _shard(objective)  # before the optimiser: FSDP replaces the parameters with their shards
@@ -390,8 +318,11 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     groups = [{"params": encoder_params + list(aux.parameters()), "lr": config.encoder_lr}]
     if lora_params:
         groups.append({"params": lora_params, "lr": config.lr})
-    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    # fused: one kernel for every parameter on a GPU; no other optimiser state than the plain AdamW one
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay,
+                            **({"fused": True} if device.type == "cuda" and not sharded else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
     trainable = [p for g in groups for p in g["params"]]
     step = 0
     done = _checkpoints(out_dir) if config.resume else []
@@ -401,74 +332,104 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     if rank == 0:
         _truncate_metrics(metrics_path, step)
     objective.train()
-    per_step = config.batch_size * config.grad_accum * world
+    hyper = model.config
+    maker = BatchMaker(model.codec, position_mode=hyper.position_mode, exact=hyper.codebook_mask == "exact",
+                       score_next_id=hyper.score_next_id, recon_entries=config.recon_entries if config.recon_weight else 0,
+                       teacher=config.distill_weight > 0)
+    pin = device.type == "cuda"
+    batches = iter(micro_batches(train_set, order, maker, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                                 world=world, rank=rank, seed=config.seed, start_step=step,
+                                 max_steps=config.max_steps, workers=config.loader_workers, pin=pin))
+    evaluate = (lambda at: _log_eval(objective, config, eval_set, maker, at, metrics_path, rank, pin))
     bar = None
     if show:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     last = None
+    deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
+    window_start, window_tokens = time.perf_counter(), 0
     while step < config.max_steps:
-        t0 = time.perf_counter()
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         base_tokens = codes = 0
-        for micro in range(config.grad_accum):
-            start = step * per_step + (micro * world + rank) * config.batch_size
-            idx = order.indices(start, config.batch_size)
-            # seeded by the global micro-batch index: N processes draw what one process with N x A draws
-            gen = torch.Generator().manual_seed(hash((config.seed, step, micro * world + rank)) & 0x7FFFFFFF)
-            loss, terms = objective(train_set.batch(idx), gen)
-            (loss / config.grad_accum).backward()
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v
-            base_tokens += int(train_set.base_tokens[idx].sum())
-            codes += int(train_set.n_codes[idx].sum())
+        for _ in range(config.grad_accum):
+            batch = next(batches).to(device)
+            loss, terms = objective(batch)
+            loss = loss / config.grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            for k, v in terms.items():  # tensors on the device: nothing is read back inside a step
+                totals[k] = totals[k] + v if k in totals else v
+            base_tokens += batch.base_tokens
+            codes += batch.codes
         if world > 1:
             for p in ([] if sharded else trainable):  # FSDP has reduce-scattered its gradients already
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world
-            packed = torch.tensor([totals.get(k, 0.0) for k in sorted(totals)] + [base_tokens, codes],
-                                  dtype=torch.float64)
+            names = sorted(totals)
+            packed = torch.stack([totals[k].double() for k in names]
+                                 + [torch.tensor(float(base_tokens), dtype=torch.float64, device=device),
+                                    torch.tensor(float(codes), dtype=torch.float64, device=device)])
             torch.distributed.all_reduce(packed)
-            values = packed.tolist()
-            totals = dict(zip(sorted(totals), values[:-2]))
-            base_tokens, codes = int(values[-2]), int(values[-1])
+            totals = dict(zip(names, packed[:-2]))
+            base_tokens, codes = int(packed[-2]), int(packed[-1])
+        if scaler is not None:
+            scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         lrs = [g["lr"] for g in opt.param_groups]
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        dt = time.perf_counter() - t0
-        n = config.grad_accum * world
-        record = {"step": step, "lm_loss": totals["lm_loss"] / n, "lr": lrs[-1], "encoder_lr": lrs[0],
-                  "grad_norm": grad_norm, "codes_per_token": codes / max(base_tokens, 1),
-                  "hyper_target_share": totals["hyper_targets"] / max(totals["targets"], 1),
-                  "hyper_accuracy": totals["hyper_correct"] / max(totals["hyper_targets"], 1),
-                  "base_tokens_per_s": base_tokens / dt}
-        for k in ("recon_loss", "next_hyper_loss"):
-            if k in totals:
-                record[k] = totals[k] / n
-        last = record
-        if rank == 0 and (step % config.log_every == 0 or step == config.max_steps):
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        window_tokens += base_tokens
+        out_of_time = deadline is not None and time.perf_counter() >= deadline
+        if world > 1 and deadline is not None:  # every process stops at the same step
+            flag = torch.tensor([float(out_of_time)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        finishing = step == config.max_steps or out_of_time
+        if bar is not None:
+            bar.update(1)
+        if step % config.log_every == 0 or finishing:
+            # the one read-back of a logged step: every number of the step at once
+            n = config.grad_accum * world
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            values = {k: float(v) for k, v in zip([*totals, "grad_norm"],
+                                                  torch.stack([v.double() for v in totals.values()]
+                                                              + [grad_norm.double()]).tolist())}
+            now = time.perf_counter()
+            record = {"step": step, "lm_loss": values["lm_loss"] / n, "lr": lrs[-1], "encoder_lr": lrs[0],
+                      "grad_norm": values["grad_norm"], "codes_per_token": codes / max(base_tokens, 1),
+                      "hyper_target_share": values["hyper_targets"] / max(values["targets"], 1),
+                      "hyper_accuracy": values["hyper_correct"] / max(values["hyper_targets"], 1),
+                      "base_tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
+            for k in ("distill_loss", "recon_loss", "next_hyper_loss"):
+                if k in values:
+                    record[k] = values[k] / n
+            window_start, window_tokens = now, 0
+            last = record
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['base_tokens_per_s']:.0f}",
+                                codes_tok=f"{record['codes_per_token']:.2f}")
+        if out_of_time:
+            break
         if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
-            _log_eval(objective, config, eval_set, step, metrics_path, rank)
+            evaluate(step)
         if config.save_every and step % config.save_every == 0 and step < config.max_steps:
             if world > 1:
                 torch.distributed.barrier()
             _save_checkpoint(out_dir, step, objective, opt, sched, sharded=sharded, rank=rank)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['base_tokens_per_s']:.0f}",
-                            codes_tok=f"{record['codes_per_token']:.2f}")
     if bar is not None:
         bar.close()
-    eval_loss = _log_eval(objective, config, eval_set, step, metrics_path, rank)
+    eval_loss = evaluate(step)
     weights = _full_trainable_state(objective, opt)[0] if sharded else None
     if rank == 0:
         model.eval()
@@ -488,23 +449,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _log_eval(objective: _Objective, config: TrainConfig, eval_set: Any, step: int, path: Path,
-              rank: int) -> float | None:
+def _log_eval(objective: Objective, config: TrainConfig, eval_set: Any, maker: BatchMaker, step: int, path: Path,
+              rank: int, pin: bool) -> float | None:
+    """The next-code loss on the first ``eval_batches`` batches of the eval split, logged and returned."""
     if len(eval_set) == 0:
         return None
     was = objective.training
     objective.eval()
-    losses, weights = [], []
+    device = next(objective.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
-        n = min(len(eval_set), config.eval_batches * config.batch_size)
-        for s in range(0, n, config.batch_size):
-            batch = eval_set.batch(np.arange(s, min(n, s + config.batch_size)))
-            loss, _ = objective(batch)
-            w = float((batch["labels"][:, 1:] != -100).sum())
-            losses.append(float(loss) * w)
-            weights.append(w)
+        for batch in eval_batches(eval_set, maker, batch_size=config.batch_size,
+                                  n=config.eval_batches * config.batch_size, workers=config.loader_workers, pin=pin):
+            loss, terms = objective(batch.to(device), train=False)
+            loss_sum += loss.double() * terms["targets"]
+            count += terms["targets"]
     objective.train(was)
-    loss = sum(losses) / max(sum(weights), 1.0)
+    loss = float(loss_sum / count.clamp(min=1))
     if rank == 0:
         with open(path, "a") as f:
             f.write(json.dumps({"step": step, "eval_loss": loss}) + "\n")

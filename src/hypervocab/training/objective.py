@@ -1,0 +1,153 @@
+"""What a micro-batch is trained on: next codes, the base model as teacher, and two auxiliary heads.
+
+* ``lm_loss``: cross-entropy of the next code over ``V + C`` ids, scored a chunk of positions at a time
+  (:func:`hypervocab.loss.score_chunks`), never holding the whole batch's logits.
+* ``distill_loss`` (``distill_weight``): KL divergence of the model's next-code distribution, summed onto
+  the first base token of each code, from the frozen base model's next-token distribution at the same
+  text position.  The teacher is the same weights with the adapter off and no hypertokens: it costs one
+  forward without gradients over the windows' base tokens.
+* ``recon_loss`` (``recon_weight``): a small head recovers an entry's base tokens from its input
+  embedding, on up to ``recon_entries`` distinct entries of the micro-batch.
+* ``next_hyper_loss`` (``next_hyper_weight``): whether the next code is a hypertoken, from the hidden state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..loss import first_tokens, next_code_targets, score_chunks
+from .batches import MicroBatch
+from .config import TrainConfig
+
+__all__ = ["NextHyperHead", "Objective", "ReconstructionHead"]
+
+# entries whose [M, V] logits are scored at once by the reconstruction loss (each chunk checkpointed)
+_RECON_CHUNK = 256
+
+
+class ReconstructionHead(nn.Module):
+    """Recovers the ``M`` base tokens of an entry from its input embedding (the auxiliary loss).
+
+    One query per slot maps the embedding to a vector scored against the base
+    embedding matrix, so the head stays small however large ``V`` is.
+    """
+
+    def __init__(self, dim: int, max_subtokens: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or min(dim, 256)
+        self.max_subtokens = max_subtokens
+        self.slots = nn.Linear(dim, max_subtokens * hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def _sum(self, embeddings: torch.Tensor, phrases: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        N, M = phrases.shape
+        h = self.out(self.norm(self.slots(embeddings).view(N, self.max_subtokens, -1)[:, :M]))  # [N, M, D]
+        logits = h @ table.t()  # [N, M, V]
+        return F.cross_entropy(logits.reshape(N * M, -1).float(), phrases.reshape(-1), ignore_index=-1,
+                               reduction="sum")
+
+    def loss(self, embeddings: torch.Tensor, phrases: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``embeddings`` [N, D], ``phrases`` [N, M] (-1 padded), ``table`` [V, D] -> mean cross-entropy per token.
+
+        Chunks of entries are checkpointed, so the ``[N, M, V]`` logits never exist at once.
+        """
+        grad = torch.is_grad_enabled()
+        total = embeddings.new_zeros((), dtype=torch.float32)
+        for s in range(0, len(phrases), _RECON_CHUNK):
+            args = (embeddings[s: s + _RECON_CHUNK], phrases[s: s + _RECON_CHUNK], table)
+            total = total + (torch.utils.checkpoint.checkpoint(self._sum, *args, use_reentrant=False) if grad
+                             else self._sum(*args))
+        return total / (phrases >= 0).sum().clamp(min=1)
+
+
+class NextHyperHead(nn.Module):
+    """Predicts from the last hidden state whether the next code is a hypertoken (optional auxiliary loss)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).squeeze(-1)
+
+
+class Objective(nn.Module):
+    """The model and the auxiliary heads as one module whose forward computes a micro-batch's losses.
+
+    FSDP gathers a unit's weights only inside that unit's forward, and the losses read weights outside
+    the decoder layers (the encoders, the embedding matrix, the aux heads): making the whole objective
+    the root unit keeps every read inside one forward.
+    """
+
+    def __init__(self, model: Any, config: TrainConfig, autocast: torch.dtype | None) -> None:
+        super().__init__()
+        D = model.embedding.base.weight.shape[1]
+        self.model = model
+        self.aux = nn.ModuleDict({"recon": ReconstructionHead(D, model.codec.max_subtokens),
+                                  "next_hyper": NextHyperHead(model.head.base.weight.shape[1])})
+        self.config = config
+        self.autocast = autocast
+
+    def forward(self, batch: MicroBatch, *, train: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss and its terms (detached tensors, summed where noted: never read back here).
+
+        ``train=False`` (evaluation): the next-code loss alone.  Terms: ``lm_loss``, ``distill_loss``,
+        ``recon_loss``, ``next_hyper_loss`` (means), ``targets`` / ``hyper_targets`` / ``hyper_correct``
+        (counts).
+        """
+        if self.autocast is None:
+            return self._losses(batch, self.config, train)
+        # the compute in bfloat16 (or float16); the trainable weights and their optimiser state stay float32
+        with torch.autocast(batch.input_ids.device.type, dtype=self.autocast):
+            return self._losses(batch, self.config, train)
+
+    def _losses(self, batch: MicroBatch, cfg: TrainConfig, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = self.model
+        V = model.codec.base_vocab_size
+        out = model(batch.input_ids, None if batch.full else batch.attention_mask, position_ids=batch.position_ids,
+                    codebooks=batch.codebooks, compute_logits=False)
+        hidden, context = out.hidden_states, out.head_context
+        targets = next_code_targets(batch.labels, batch.attention_mask)
+        n = (targets != -100).sum()
+        teacher = first = None
+        if train and cfg.distill_weight > 0:
+            teacher = self._teacher(batch)
+            first = first_tokens(batch.codebooks, context.table.shape[1])
+        scores = score_chunks(model, hidden, context, targets, teacher_hidden=teacher, first=first)
+        lm = scores.cross_entropy / n.clamp(min=1)
+        loss = lm
+        terms = {"lm_loss": lm.detach(), "targets": n, "hyper_targets": scores.hyper_targets,
+                 "hyper_correct": scores.hyper_correct}
+        if not train:
+            return loss, terms
+        if scores.distillation is not None:
+            distill = scores.distillation / n.clamp(min=1)
+            loss = loss + cfg.distill_weight * distill
+            terms["distill_loss"] = distill.detach()
+        if cfg.recon_weight > 0 and batch.recon_phrases is not None:
+            phrases = batch.recon_phrases
+            recon = self.aux["recon"].loss(model.encode_inputs(phrases), phrases, model.embedding.base.weight)
+            loss = loss + cfg.recon_weight * recon
+            terms["recon_loss"] = recon.detach()
+        if cfg.next_hyper_weight > 0:
+            valid = targets[:, :-1] != -100
+            logit = self.aux["next_hyper"](hidden[:, :-1].float())
+            # a mean over the valid positions, written without boolean indexing (which reads the count back)
+            bce = F.binary_cross_entropy_with_logits(logit, (targets[:, :-1] >= V).float(), reduction="none")
+            nh = (bce * valid).sum() / valid.sum().clamp(min=1)
+            loss = loss + cfg.next_hyper_weight * nh
+            terms["next_hyper_loss"] = nh.detach()
+        return loss, terms
+
+    def _teacher(self, batch: MicroBatch) -> torch.Tensor:
+        """``[B, T, D]`` the base model's final hidden state at each code's last base token."""
+        model = self.model
+        with torch.no_grad(), model.disable_adapter():
+            out = model(batch.base_ids, batch.base_mask, codebooks=batch.base_codebooks, compute_logits=False)
+        h = out.hidden_states
+        return h.gather(1, batch.code_end.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
