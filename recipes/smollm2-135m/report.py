@@ -99,8 +99,9 @@ def _section() -> str:
     facts = ROOT / "src" / "hypervocab" / "shipped" / "smollm2-135m-instruct" / "training_facts.json"
     if facts.is_file():
         f = json.loads(facts.read_text())
-        hours = f"CPU, about {f['estimated_training_hours']:.1f} hours of training steps" \
-            if "estimated_training_hours" in f else "CPU"
+        device = f.get("device", "CPU")
+        hours = f"{device}, about {f['estimated_training_hours']:.1f} hours of training steps" \
+            if "estimated_training_hours" in f else device
         out.insert(0, f"Trained {f['steps']} steps, about {f['base_tokens_seen']:,} base tokens "
                       f"({f['codes_per_step']:,} codes per step), on {hours}. Regenerate this report with "
                       "`python recipes/smollm2-135m/report.py`.\n")

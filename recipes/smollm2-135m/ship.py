@@ -37,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / ".cache" / "runs" / "smollm2-135m", help="the run folder")
     parser.add_argument("--out", type=Path, default=ROOT / "src" / "hypervocab" / "shipped" / "smollm2-135m-instruct")
+    parser.add_argument("--device", default="CPU", help="what the run trained on, for the model card (default CPU)")
     args = parser.parse_args()
 
     run = args.run
@@ -61,7 +62,8 @@ def main() -> None:
     # compute time: each logged step's seconds (its base tokens over its rate), times the steps it stands for
     step_s = [codes_per_step / r["codes_per_token"] / r["base_tokens_per_s"] for r in steps]
     hours = sum(step_s) / len(step_s) * steps[-1]["step"] / 3600
-    facts = {"steps": steps[-1]["step"], "codes_per_step": codes_per_step, "mean_codes_per_token": cpt,
+    facts = {"steps": steps[-1]["step"], "device": args.device, "codes_per_step": codes_per_step,
+             "mean_codes_per_token": cpt,
              "base_tokens_seen": int(steps[-1]["step"] * codes_per_step / cpt),
              "estimated_training_hours": round(hours, 2),
              "first_lm_loss": steps[0]["lm_loss"], "last_lm_loss": steps[-1]["lm_loss"],
