@@ -17,7 +17,8 @@ Prompts are real text: a few functions of the standard library (read with :mod:`
 the running Python's own source) and a few English sentences.
 
 Prints a Markdown table (requests, errors, mismatches, latency, time to first chunk, throughput in
-base tokens/s and codes/s) and exits with status 1 on any error or mismatch.
+base tokens/s and codes/s, the hypertoken share) and exits with status 1 on any error or mismatch, or
+if the server's ``/metrics`` totals differ from what the clients received.
 
     python benchmarks/serve_load.py --tiny --clients 4 --seconds 10    # a smoke run, no weights needed
     python benchmarks/serve_load.py                                    # the shipped model, 8 clients, 30 s
@@ -206,6 +207,18 @@ def stream_one(client: Any, model_name: str, prompt: str, index: int, max_tokens
     return res
 
 
+def scrape_metrics(url: str) -> dict[str, float]:
+    """The server's ``/metrics`` samples, by name with labels."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     """The ``q`` quantile (0..1) by linear interpolation; NaN for no values."""
     if not values:
@@ -295,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.total = len(results)  # the time budget may end the run before the request budget
         bar.refresh()
         bar.close()
+        metrics = scrape_metrics(server.url)
     finally:
         server.stop()
 
@@ -304,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     latencies = [r.latency for r in ok]
     firsts = [r.first_chunk for r in ok if r.first_chunk is not None]
     tokens, codes = sum(r.base_tokens for r in ok), sum(r.codes for r in ok)
+    # the server's own totals must match what every client (the reference runs too) received
+    everyone = reference + results
+    # (a failed request may have counted part of its tokens: then there is nothing exact to compare)
+    metrics_ok = None if errors else all(
+        metrics[f"hypervocab_completion_{k}_total"] == sum(getattr(r, a) for r in everyone)
+        for k, a in (("tokens", "base_tokens"), ("codes", "codes")))
     rows = [
         ("model", model_name),
         ("clients / max_tokens", f"{args.clients} / {args.max_tokens}"),
@@ -317,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         ("base tokens/s (total)", f"{tokens / wall:.1f}"),
         ("codes/s (total)", f"{codes / wall:.1f}"),
         ("base tokens per code", f"{tokens / codes:.2f}" if codes else "-"),
+        ("hypertoken share of codes (/metrics)", f"{metrics['hypervocab_hypertoken_share']:.3f}"),
+        ("/metrics totals match the clients'", {True: "yes", False: "NO", None: "- (errors)"}[metrics_ok]),
     ]
     print("| metric | value |\n|---|---|")
     for k, v in rows:
@@ -329,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         at = next((i for i, (a, b) in enumerate(zip(r.text, want)) if a != b), min(len(r.text), len(want)))
         print(f"mismatch (prompt {r.prompt}) at character {at}: got {r.text[max(0, at - 20):at + 40]!r}, "
               f"alone {want[max(0, at - 20):at + 40]!r}", file=sys.stderr)
-    return 1 if errors or mismatches or not results else 0
+    if metrics_ok is False:
+        print(f"/metrics: completion tokens {metrics['hypervocab_completion_tokens_total']:.0f}, codes "
+              f"{metrics['hypervocab_completion_codes_total']:.0f}; the clients got "
+              f"{sum(r.base_tokens for r in everyone)} and {sum(r.codes for r in everyone)}", file=sys.stderr)
+    return 1 if errors or mismatches or not results or metrics_ok is False else 0
 
 
 if __name__ == "__main__":

@@ -28,12 +28,13 @@ PROMPT = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n
 class Server:
     """A uvicorn server on a free loopback port, in a thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -195,6 +196,7 @@ def test_a_full_queue_answers_429(server):
         t.join(60)
     assert r.status_code == 429
     assert r.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(r.headers["Retry-After"]) <= 60  # seconds, from the mean time of recent requests
     assert "2 requests are already waiting (max_queue=2)" in r.json()["error"]["message"]
 
 
@@ -209,7 +211,7 @@ def test_a_full_queue_answers_429(server):
     ({"prompt": ["a", "b"]}, 400, "prompt", "prompt must be one string, got a list of 2"),
     ({"prompt": "Hi", "stop": [""]}, 400, "stop", "stop must be up to 4 non-empty strings, got ['']"),
     ({}, 400, "prompt", "prompt: Field required"),
-    ([1, 2], 400, None, "body: Input should be a valid dictionary"),
+    ([1, 2], 400, None, "the request body must be a JSON object, got an array"),
 ])
 def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, body, status, param, message):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -3,8 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from typing import Any
+
+API_KEY_ENV = "HYPERVOCAB_API_KEY"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_allowed_hosts(host: str) -> list[str]:
+    """The ``Host`` names a server bound to ``host`` accepts when ``--allowed-hosts`` is not given.
+
+    Loopback: the loopback names only (a web page can't reach it through DNS rebinding). A wildcard
+    address (0.0.0.0, ::): any, as the names clients use are unknown. Another address or name: it and
+    the loopback names."""
+    from ..serving import LOOPBACK_HOSTS
+
+    if _is_loopback(host):
+        return list(LOOPBACK_HOSTS)
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        return ["*"]
+    return [host.strip("[]").lower(), *LOOPBACK_HOSTS]
+
+
+def server_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(create_app keyword arguments, uvicorn.run keyword arguments) for the parsed flags."""
+    from ..serving import ServeLimits
+
+    limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    hosts = ([h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts is not None
+             else default_allowed_hosts(args.host))
+    if not hosts:
+        raise ValueError("--allowed-hosts is empty: give host names separated by commas, or '*' for any")
+    app_kw = {"limits": limits, "api_key": api_key, "allowed_hosts": hosts}
+    uvicorn_kw = {"host": args.host, "port": args.port, "log_level": args.log_level,
+                  "timeout_graceful_shutdown": args.shutdown_timeout, "server_header": False}
+    return app_kw, uvicorn_kw
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -12,26 +59,28 @@ def run_server(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ImportError("the server needs FastAPI and uvicorn: pip install 'hypervocab[serve]'") from None
-    from ..serving import ServeLimits, create_app
+    from ..serving import create_app
     from .main import load_model
 
-    limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                         max_queue=args.max_queue)
+    app_kw, uvicorn_kw = server_settings(args)  # bad flags fail before the model loads
     model, htok = load_model(args.model, base_model=args.base_model, dtype=args.dtype)
     name = args.served_model_name or ("hypervocab-smollm2-135m" if args.model in ("default", "smollm2-135m-instruct")
                                       else args.model.rstrip("/").split("/")[-1])
-    app = create_app(model, htok.tokenizer, model_name=name, limits=limits)
+    app = create_app(model, htok.tokenizer, model_name=name, **app_kw)
     print(f"serving {name!r} on http://{args.host}:{args.port} (playground at /, API at /v1)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if not _is_loopback(args.host) and app_kw["api_key"] is None:
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach this port can use it "
+              f"(set {API_KEY_ENV} or --api-key)", file=sys.stderr)
+    uvicorn.run(app, **uvicorn_kw)
     return 0
 
 
 def add_serve_parser(sub: Any) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a live playground",
                        description="Serve a hypervocab model over HTTP: POST /v1/completions and "
-                       "/v1/chat/completions (streaming with server-sent events), GET /v1/models, GET /health, and "
-                       "a playground at / that highlights the text hypertokens write. Requests are queued and run "
-                       "one at a time, each with its own codebook and cache.")
+                       "/v1/chat/completions (streaming with server-sent events), GET /v1/models, GET /health, "
+                       "GET /metrics (Prometheus), and a playground at / that highlights the text hypertokens "
+                       "write. Requests are queued and run one at a time, each with its own codebook and cache.")
     s.add_argument("--model", default="default", help="a hypervocab checkpoint folder, a Hugging Face model, or "
                    "'default' (the shipped model)")
     s.add_argument("--base-model", default=None, help="the base model's folder or hub id, instead of the one the "
@@ -42,6 +91,19 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt in base tokens (default 4096)")
     s.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
     s.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait (default 32)")
+    s.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
+                   help="largest request body in bytes (default 2097152, 2 MiB); larger ones get 413")
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send the whole request body (default 30); then 408")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM or Ctrl-C, seconds running requests get to finish before they and the "
+                   "queued ones are cancelled (default 10)")
+    s.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY' (all but /health "
+                   f"and the playground page); default: the {API_KEY_ENV} environment variable, else no key. "
+                   "The variable keeps the key out of the process list")
+    s.add_argument("--allowed-hosts", default=None, help="comma-separated names the Host header may give "
+                   "('*.example.com' patterns, '*' for any), against DNS rebinding; default: the loopback names "
+                   "when --host is loopback, any for 0.0.0.0 or ::, else --host and the loopback names")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     s.set_defaults(func=run_server)

@@ -1,5 +1,5 @@
 """Serving: an OpenAI-compatible HTTP server (``hypervocab serve``) with a live playground."""
 
-from .app import ServeLimits, create_app
+from .app import LOOPBACK_HOSTS, ServeLimits, create_app
 
-__all__ = ["ServeLimits", "create_app"]
+__all__ = ["LOOPBACK_HOSTS", "ServeLimits", "create_app"]

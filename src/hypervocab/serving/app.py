@@ -1,48 +1,74 @@
 """An OpenAI-compatible HTTP API for a hypervocab model (FastAPI), with a live playground at ``/``.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat template),
-both streaming with server-sent events when ``"stream": true``; ``GET /v1/models``; ``GET /health``.
+both streaming with server-sent events when ``"stream": true``; ``GET /v1/models``; ``GET /health``;
+``GET /metrics`` (Prometheus text format).
 
 ``usage`` counts base tokens like any server, and adds what hypervocab actually processed:
 ``prompt_codes`` and ``completion_codes`` (and ``hypertokens``).  Streamed chunks carry a
 ``hypervocab`` object: the chunk's text as pieces flagged when a hypertoken wrote them, and running
-totals, which is what the playground colours and counts.
+totals, which is what the playground colours and counts.  A stream always ends with ``data: [DONE]``,
+also after an error event.
 
-Every error answers with OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, and a 4xx
-status for anything the client can fix: malformed JSON, bad parameters, a prompt or ``max_tokens``
-over the server's limits (400), an unknown model (404), a full queue (429).
+Every error answers with OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``: 400 for
+malformed JSON, bad or unsupported parameters, a prompt or ``max_tokens`` over the server's limits;
+401 without the API key; 404 for an unknown model or path; 405; 408 for a body that does not arrive
+in time; 413 for a body over the size limit; 415 for a body that is not JSON; 429 (with
+``Retry-After``) for a full queue; 503 while shutting down.  Request bodies are parsed and prompts
+tokenized in worker threads, never on the event loop.
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoint annotations, and the request
-# models are local to create_app (pydantic is imported only when a server is built)
+# models are built only when an app is (pydantic is imported by create_app, not by this module)
 import asyncio
+import base64
+import hashlib
 import html
 import json
+import math
+import re
 import time
 import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import ConfigError
+from .http import LOOPBACK_HOSTS, APIError, Guard, clip, encode_json, short
 
-__all__ = ["ServeLimits", "create_app"]
+__all__ = ["LOOPBACK_HOSTS", "ServeLimits", "create_app"]
+
+_OPEN_PATHS = {"/health", "/"}  # served without the API key: a liveness probe, and the page that asks for it
+_API_KEY_FIELD = ('  <label>API key <input type="password" id="api_key" autocomplete="off" '
+                  'spellcheck="false"></label>\n')
 
 
 @dataclass
 class ServeLimits:
-    """What one request may ask for; beyond it the server answers 400 (429 for the queue)."""
+    """What one request may ask for and send; beyond it the server answers 4xx.
+
+    max_prompt_tokens: longest prompt in base tokens (400); max_tokens: largest ``max_tokens`` (400);
+    max_queue: requests waiting (429 beyond); max_body_bytes: largest request body (413);
+    read_timeout: seconds from the headers to the end of the body (408).
+    """
 
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024
     max_queue: int = 32
+    max_body_bytes: int = 2 * 1024 * 1024
+    read_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens", "max_queue"):
+        for name in ("max_prompt_tokens", "max_tokens", "max_queue", "max_body_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        v = self.read_timeout
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"read_timeout must be a finite number of seconds > 0, got {v!r}")
 
 
 def _fastapi() -> Any:
@@ -53,125 +79,116 @@ def _fastapi() -> Any:
     return fastapi
 
 
-class _APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+def _csp(page: str) -> str:
+    """A Content-Security-Policy allowing exactly the page's inline script and style (by hash), nothing else."""
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in found)
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+            "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", limits: ServeLimits | None = None) -> Any:
+def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", limits: ServeLimits | None = None,
+               api_key: str | None = None, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> Any:
     """A FastAPI app serving ``model`` (a :class:`~hypervocab.HyperModel`) with its base ``tokenizer``.
 
     Requests are queued and run one at a time by an :class:`~hypervocab.serving.engine.Engine`, each
     with its own codebook and cache.  ``app.state.engine`` is the engine (``engine.close()`` stops it).
+
+    api_key: clients must send ``Authorization: Bearer <api_key>`` (all paths but ``/health`` and the
+    playground page ``/``); allowed_hosts: the names the ``Host`` header may give (``*.example.com``
+    patterns; ``"*"`` or ``None``: any), the loopback names by default, against DNS rebinding.
     """
     fastapi = _fastapi()
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     from .engine import Engine, Finished, Job, Piece, QueueFullError
+    from .metrics import CONTENT_TYPE, Metrics
+    from .schema import Prepared, RequestParser
 
     limits = limits or ServeLimits()
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or api_key != api_key.strip()
+                                or not api_key.isprintable() or not api_key.isascii()):
+        raise ConfigError("api_key must be a non-empty string of printable ASCII without surrounding spaces")
+    hosts = None if allowed_hosts is None or "*" in allowed_hosts else [h.strip().lower() for h in allowed_hosts]
     engine = Engine(model.eval(), tokenizer, max_queue=limits.max_queue)
+    metrics = Metrics(engine)
+    parser = RequestParser(tokenizer, model_name=model_name, vocab_size=model.codec.base_vocab_size, limits=limits)
+    # JSON parsing and tokenizing run here, off the event loop (the tokenizer releases the GIL)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hypervocab-parse")
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> Any:
         yield
-        engine.close()  # the worker finishes its request and exits with the server
+        engine.close(timeout=10)  # cancels what is still running or queued; the worker exits
+        pool.shutdown(wait=False, cancel_futures=True)
 
-    app = fastapi.FastAPI(title="hypervocab", version=model.config.hypervocab_version, lifespan=lifespan)
+    app = fastapi.FastAPI(title="hypervocab", version=model.config.hypervocab_version, lifespan=lifespan,
+                          docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    app.state.metrics = metrics
+    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout,
+                       allowed_hosts=hosts, api_key=api_key, open_paths=_OPEN_PATHS, count=metrics.count)
     created = int(time.time())
+    page = resources.files("hypervocab.serving").joinpath("playground.html").read_text(encoding="utf-8")
+    page = page.replace("{{MODEL}}", html.escape(model_name)).replace("{{API_KEY_FIELD}}",
+                                                                      _API_KEY_FIELD if api_key else "")
+    page_headers = {"Content-Security-Policy": _csp(page), "Cache-Control": "no-store"}
 
-    class _Common(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        model: str | None = None
-        max_tokens: int | None = Field(None, ge=1)
-        temperature: float = Field(1.0, ge=0, le=2)
-        top_p: float = Field(1.0, gt=0, le=1)
-        n: int = 1
-        stream: bool = False
-        stream_options: dict[str, Any] | None = None
-        stop: str | list[str] | None = None
-        seed: int | None = None
-        user: str | None = None
+    def error_response(e: APIError) -> Response:
+        return Response(encode_json(e.body()), status_code=e.status, media_type="application/json",
+                        headers=e.headers)
 
-    class CompletionRequest(_Common):
-        prompt: str | list[str]
-        echo: bool = False
-        logprobs: int | None = None
-        best_of: int | None = None
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, e: APIError) -> Response:
+        return error_response(e)
 
-    class Message(BaseModel):
-        model_config = ConfigDict(extra="allow")
-        role: Literal["system", "user", "assistant", "developer"]
-        content: str | list[dict[str, Any]]
-
-    class ChatRequest(_Common):
-        messages: list[Message] = Field(min_length=1)
-        max_completion_tokens: int | None = Field(None, ge=1)
-        logprobs: bool | None = None
-
-    @app.exception_handler(_APIError)
-    async def _api_error(_request: Request, e: _APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> Response:
+        where = f"{request.method} {short(request.url.path)}"
+        if e.status_code == 404:
+            msg = f"Invalid URL ({where}): this server has POST /v1/completions, POST /v1/chat/completions, " \
+                  "GET /v1/models, GET /health, GET /metrics and GET /"
+        elif e.status_code == 405:
+            msg = f"method {request.method} is not allowed on {short(request.url.path)} " \
+                  f"(allowed: {(e.headers or {}).get('Allow', '?')})"
+        else:
+            msg = f"{where}: {e.detail}"
+        return error_response(APIError(e.status_code, msg, headers=dict(e.headers or {})))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(_request: Request, e: RequestValidationError) -> Response:  # no endpoint declares a body
         err = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            msg, param = f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-        else:
-            param = ".".join(loc) or None
-            msg = f"{param or 'body'}: {err.get('msg', 'invalid')}" + (
-                f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else "")
-        return JSONResponse(_APIError(400, msg, param=param, code="invalid_value").body(), status_code=400)
+        param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+        return error_response(APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid')}", param=param))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, e: Exception) -> JSONResponse:  # a bug: say so, keep serving
-        return JSONResponse(_APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
-                            status_code=500)
+    async def prepare(request: Request, parse: Any) -> Prepared:
+        ctype = request.headers.get("content-type")
+        if ctype is not None:
+            mime = ctype.split(";", 1)[0].strip().lower()
+            if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+                # also a defence: a browser sends a cross-site form or text/plain post without asking first
+                raise APIError(415, f"Content-Type must be application/json, got {short(ctype)}",
+                               code="unsupported_media_type")
+        body = await request.body()  # already read (and limited) by the guard
+        return await asyncio.get_running_loop().run_in_executor(pool, parse, body)
 
-    def check_common(req: _Common, max_tokens: int | None, default: int) -> tuple[int, list[str]]:
-        if req.model is not None and req.model != model_name:
-            raise _APIError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
-                            param="model", code="model_not_found")
-        if req.n != 1:
-            raise _APIError(400, f"n must be 1 (one completion per request), got {req.n}", param="n")
-        max_tokens = default if max_tokens is None else max_tokens
-        if max_tokens > limits.max_tokens:
-            raise _APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
-                            param="max_tokens", code="invalid_value")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise _APIError(400, f"stop must be up to 4 non-empty strings, got {req.stop!r}", param="stop")
-        return max_tokens, stop
-
-    def prompt_ids(text: str, *, special: bool) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=special)["input_ids"]
-        if not ids:
-            raise _APIError(400, "the prompt is empty", param="prompt")
-        if len(ids) > limits.max_prompt_tokens:
-            raise _APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
-                            f"{limits.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
-        return ids
-
-    async def run(request: Request, job_args: dict[str, Any], *, chat: bool, stream: bool,
-                  include_usage: bool) -> Any:
+    async def run(request: Request, prepared: Prepared, *, chat: bool) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Piece | Finished] = asyncio.Queue()
-        job = Job(emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), **job_args)
+        job = Job(emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), **prepared.job)
         try:
             engine.submit(job)
         except QueueFullError as e:
-            raise _APIError(429, str(e), code="rate_limit_exceeded", type="rate_limit_error") from None
+            if engine.closing:
+                raise APIError(503, str(e), type="server_error", code="shutting_down",
+                               headers={"Retry-After": "5"}) from None
+            raise APIError(429, str(e), code="rate_limit_exceeded", type="rate_limit_error",
+                           headers={"Retry-After": str(engine.retry_after())}) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion" if chat else "text_completion"
 
@@ -197,28 +214,34 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
                     "total_tokens": f.prompt_tokens + f.completion_tokens, "prompt_codes": f.prompt_codes,
                     "completion_codes": f.completion_codes, "hypertokens": f.hypertokens}
 
-        def failed(f: Finished) -> _APIError:
-            return _APIError(500, f"generation failed: {f.error}", type="server_error")
+        def failed(f: Finished) -> APIError:
+            return APIError(500, f"generation failed: {f.error}", type="server_error")
 
-        if not stream:
-            text, pieces = [], []
-            while True:
-                ev = await next_event()
-                if ev is None:
-                    return JSONResponse({}, status_code=499)  # nobody is listening
-                if isinstance(ev, Piece):
-                    text.append(ev.text)
-                    pieces.append([ev.text, ev.hyper])
-                    continue
-                if ev.finish_reason == "error":
-                    raise failed(ev)
-                choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": "".join(text)}
-                else:
-                    choice["text"] = "".join(text)
-                return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                        "choices": [choice], "usage": usage(ev), "hypervocab": {"pieces": pieces}}
+        if not prepared.stream:
+            try:
+                text, pieces = [], []
+                while True:
+                    ev = await next_event()
+                    if ev is None:
+                        return JSONResponse({}, status_code=499)  # nobody is listening
+                    if isinstance(ev, Piece):
+                        text.append(ev.text)
+                        pieces.append([ev.text, ev.hyper])
+                        continue
+                    if ev.finish_reason == "error":
+                        raise failed(ev)
+                    if ev.finish_reason == "cancelled":  # the server is shutting down
+                        raise APIError(503, "the request was cancelled: the server is shutting down",
+                                       type="server_error", code="shutting_down")
+                    choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
+                    if chat:
+                        choice["message"] = {"role": "assistant", "content": "".join(text)}
+                    else:
+                        choice["text"] = "".join(text)
+                    return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
+                            "choices": [choice], "usage": usage(ev), "hypervocab": {"pieces": pieces}}
+            finally:
+                job.cancelled.set()  # a no-op once finished; stops the work if this task was cancelled (shutdown)
 
         def chunk(choice: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
             body: dict[str, Any] = {"id": rid, "object": obj + (".chunk" if chat else ""),
@@ -226,6 +249,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
             if extra:
                 body.update(extra)
             return f"data: {json.dumps(body)}\n\n"
+
+        def error_event(e: APIError) -> str:
+            return f"data: {encode_json(e.body()).decode()}\n\ndata: [DONE]\n\n"
 
         async def sse() -> Any:
             try:
@@ -243,63 +269,38 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
                                                             "base_tokens": ev.base_tokens}})
                         continue
                     if ev.finish_reason == "error":
-                        yield f"data: {json.dumps(failed(ev).body())}\n\n"
+                        yield error_event(failed(ev))
+                        return
+                    if ev.finish_reason == "cancelled":
+                        yield error_event(APIError(503, "the request was cancelled: the server is shutting down",
+                                                   type="server_error", code="shutting_down"))
                         return
                     final = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None,
                              **({"delta": {}} if chat else {"text": ""})}
                     yield chunk(final, {"hypervocab": {"pieces": [], "codes": ev.completion_codes,
                                                        "base_tokens": ev.completion_tokens, "usage": usage(ev)}})
-                    if include_usage:
+                    if prepared.include_usage:
                         body = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": int(time.time()),
                                 "model": model_name, "choices": [], "usage": usage(ev)}
                         yield f"data: {json.dumps(body)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
+            except Exception as e:  # noqa: BLE001 - a bug; the stream still ends the way clients expect
+                yield error_event(APIError(500, f"internal error: {type(e).__name__}: {clip(str(e))}",
+                                           type="server_error"))
             finally:
                 job.cancelled.set()  # a no-op once finished; stops the work when the client went away
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def sampling(req: _Common) -> dict[str, Any]:
-        return {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed}
-
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Any:
-        if req.echo or req.logprobs or (req.best_of or 1) != 1:
-            raise _APIError(400, "echo, logprobs and best_of are not supported", param="echo")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise _APIError(400, f"prompt must be one string, got a list of {len(prompts)}", param="prompt")
-        max_tokens, stop = check_common(req, req.max_tokens, 16)
-        ids = prompt_ids(prompts[0], special=True)
-        return await run(request, {"prompt_ids": ids, "max_tokens": max_tokens, "stop": stop, **sampling(req)},
-                         chat=False, stream=req.stream,
-                         include_usage=bool((req.stream_options or {}).get("include_usage")))
+    async def completions(request: Request) -> Any:
+        return await run(request, await prepare(request, parser.completion), chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request) -> Any:
-        if req.logprobs:
-            raise _APIError(400, "logprobs is not supported", param="logprobs")
-        if not getattr(tokenizer, "chat_template", None):
-            raise _APIError(400, f"model {model_name!r} has no chat template: use /v1/completions", param="messages")
-        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens, stop = check_common(req, limit, min(limits.max_tokens, 256))
-        messages = []
-        for i, m in enumerate(req.messages):
-            content = m.content
-            if isinstance(content, list):
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise _APIError(400, f"messages[{i}].content: only text parts are supported",
-                                    param=f"messages.{i}.content")
-                content = "".join(p["text"] for p in content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = prompt_ids(text, special=False)  # the template holds its special tokens
-        return await run(request, {"prompt_ids": ids, "max_tokens": max_tokens, "stop": stop, **sampling(req)},
-                         chat=True, stream=req.stream,
-                         include_usage=bool((req.stream_options or {}).get("include_usage")))
+    async def chat_completions(request: Request) -> Any:
+        return await run(request, await prepare(request, parser.chat), chat=True)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -311,9 +312,12 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
         return {"status": "ok", "model": model_name, "waiting": engine.waiting, "served": engine.served,
                 "cancelled": engine.cancelled}
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/", response_class=HTMLResponse)
-    async def playground() -> str:
-        page = resources.files("hypervocab.serving").joinpath("playground.html").read_text(encoding="utf-8")
-        return page.replace("{{MODEL}}", html.escape(model_name))
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(page, headers=page_headers)
 
     return app
