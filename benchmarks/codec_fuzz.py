@@ -666,14 +666,14 @@ def case_bad_config(ctx: Ctx) -> None:
                       disabled_ids=args["disabled_ids"], pad_id=args["pad_id"], replacement_id=args["replacement_id"])
     if ok:  # accepted: it must behave like a codec
         codec = res
-        check(1 <= codec.base_vocab_size and codec.base_vocab_size + codec.max_codebook_size <= 2**31 - 1,
+        check(codec.base_vocab_size >= 1 and codec.base_vocab_size + codec.max_codebook_size <= 2**31 - 1,
               "accepted an id space beyond 31 bits")
         ids = random_ids(rng, codec, 50)
         check(same(must(ctx, "codec.decode", codec.decode, must(ctx, "codec.encode", codec.encode, ids)), ids),
               "round trip of a codec built from odd arguments")
         check(pickle.loads(pickle.dumps(codec)) == codec, "pickle of a codec built from odd arguments")
     else:
-        check(isinstance(res, ConfigError) or isinstance(res, TypeError), "bad configuration raised the wrong error", repr(res))
+        check(isinstance(res, (ConfigError, TypeError)), "bad configuration raised the wrong error", repr(res))
 
 
 def state_view(state: DecoderState) -> tuple[Any, ...]:
@@ -970,8 +970,8 @@ def worker(args: argparse.Namespace) -> int:
     names = list(CATEGORIES)
     weights = np.array([CATEGORIES[n][1] for n in names])
     weights /= weights.sum()
-    counts = {n: 0 for n in names}
-    fails = {n: 0 for n in names}
+    counts = dict.fromkeys(names, 0)
+    fails = dict.fromkeys(names, 0)
     failures: dict[str, dict[str, Any]] = {}
     status = os.open(args._status, os.O_WRONLY | os.O_CREAT, 0o644) if args._status else None
     result = Path(args._result)
@@ -1012,8 +1012,8 @@ def supervise(args: argparse.Namespace) -> int:
     print(f"codec_fuzz: {args.seconds:g} s, seed {seed}, case timeout {args.case_timeout:g} s")
     t_start = time.monotonic()
     end = t_start + args.seconds
-    counts: dict[str, int] = {n: 0 for n in CATEGORIES}
-    fails: dict[str, int] = {n: 0 for n in CATEGORIES}
+    counts: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+    fails: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
     failures: dict[str, dict[str, Any]] = {}
     run_no = 0
     with tempfile.TemporaryDirectory(prefix="codec_fuzz_") as tmp:

@@ -227,7 +227,8 @@ def markdown(rows: list[Row]) -> str:
     lines = ["| what | ours | public | oracle | ours/public |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         ratio = "—" if r.ratio is None else f"{r.ratio:.2f}x"
-        lines.append(f"| {r.what} | {fmt(r.ours, r.unit)} | {fmt(r.public, r.unit)} | {fmt(r.oracle, r.unit)} | {ratio} |")
+        cells = (r.what, fmt(r.ours, r.unit), fmt(r.public, r.unit), fmt(r.oracle, r.unit), ratio)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -319,7 +320,8 @@ def memory_probe(spec: str, workdir: Path) -> None:
 
 def measure_memory(impl: str, op: str, workdir: Path) -> dict[str, Any]:
     """Run :func:`memory_probe` in a fresh interpreter; returns its numbers plus ``mb``."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-probe", f"{impl}:{op}", "--_probe-dir", str(workdir)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-probe", f"{impl}:{op}",
+           "--_probe-dir", str(workdir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {impl}:{op} failed:\n{proc.stderr}")
@@ -434,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
     assert o_ids == oracle_ids, "oracle does not round-trip"
     row.oracle, row.raw["oracle_s"] = k / t_or, [t_or]
     rows.append(row)
-    del codes_list
+    codes_list = None  # free it before the batch section
 
     # c. encode_batch of 2048-id chunks -------------------------------------------------------
     B = args.batch_seqs
@@ -464,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     for r in (row_a, row_l):
         r.oracle, r.raw["oracle_s"], r.raw["oracle_seqs"] = k_seq * CHUNK / t_or, [t_or], k_seq
     rows += [row_a, row_l]
-    del lists, enc_l
+    lists = enc_l = None  # free them
 
     # d. one online decoding step over B states -------------------------------------------------
     RD = max(R, MIN_STEP_REPEATS)  # a walk takes milliseconds: more runs steady the median
@@ -529,13 +531,15 @@ def run(args: argparse.Namespace) -> int:
                     dec.push(c)
             return decs
 
-        t_or, times_or, decs = bench(walk_oracle, 1, setup=lambda: [ReferenceDecoder(V, C, M, frozen) for _ in range(nb)],
+        t_or, times_or, decs = bench(walk_oracle, 1,
+                                     setup=lambda: [ReferenceDecoder(V, C, M, frozen) for _ in range(nb)],
                                      warmup=False)
         assert [d.entries for d in decs] == [[tuple(p) for p in st.codebook.to_dict().values()] for st in states]
 
         labels = {"array": (f"d_{nb}", f"d. push_batch, B={nb}, int64 array codes ({steps} steps)"),
                   "list": (f"d_{nb}_list", f"d. push_batch, B={nb}, Python list codes (info)"),
-                  "push": ("d_push", f"d. DecoderState.push(int), 1 state ({steps} steps; info, vs update_codebooks B=1)")}
+                  "push": ("d_push",
+                           f"d. DecoderState.push(int), 1 state ({steps} steps; info, vs update_codebooks B=1)")}
         for kind, (key, what) in labels.items():
             if kind not in med:
                 continue
@@ -554,7 +558,8 @@ def run(args: argparse.Namespace) -> int:
             (work / "settings.json").write_text(json.dumps(asdict(settings)))
             np.save(work / "ids.npy", ids)
             np.save(work / "codes.npy", codes)
-            for op, label in (("encode", f"e. peak memory, encode {n:,} ids"), ("decode", f"e. peak memory, decode {len(codes):,} codes")):
+            for op, label in (("encode", f"e. peak memory, encode {n:,} ids"),
+                              ("decode", f"e. peak memory, decode {len(codes):,} codes")):
                 row = Row(f"e_{op}", label, "MB")
                 res = measure_memory("ours", op, work)
                 row.ours, row.raw["ours"] = res["mb"], res
@@ -591,7 +596,8 @@ def write_results(args: argparse.Namespace, info: dict[str, Any], settings: Sett
                "rows": [{"key": r.key, "what": r.what, "unit": r.unit, "ours": r.ours, "public": r.public,
                          "oracle": r.oracle, "ours_over_public": r.ratio, "raw": r.raw} for r in rows],
                "goals": goal_lines}
-    for path, text in ((stem.with_suffix(".md"), md), (stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")):
+    for path, text in ((stem.with_suffix(".md"), md),
+                       (stem.with_suffix(".json"), json.dumps(payload, indent=2) + "\n")):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
@@ -604,7 +610,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="small sizes for a fast check: " + ", ".join(f"{k}={v:_}" for k, v in QUICK.items()))
     p.add_argument("--n-ids", type=int, help=f"ids in the single sequence of rows a, b, e (default {FULL['n_ids']:_})")
     p.add_argument("--batch-seqs", type=int, help=f"{CHUNK}-id sequences in row c (default {FULL['batch_seqs']})")
-    p.add_argument("--repeats", type=int, help=f"timed runs per measurement, median reported (default {FULL['repeats']})")
+    p.add_argument("--repeats", type=int,
+                   help=f"timed runs per measurement, median reported (default {FULL['repeats']})")
     p.add_argument("--oracle-ids", type=int, help=f"ids the slow oracle runs on (default {FULL['oracle_ids']:_})")
     p.add_argument("--max-codebook-size", "-C", type=int, default=2048, help="C (default 2048)")
     p.add_argument("--max-subtokens", "-M", type=int, default=4, help="M (default 4)")

@@ -30,7 +30,8 @@ taking turns):
 For the hypervocab model the no-grad forward is also broken down: the
 ``CodebookBatch.from_codes`` trace alone, ``model.encode_entries`` on the
 codebook's phrases alone, and (``codebook_mask="exact"``) the output encoder
-on the distinct per-position candidate phrases (``CodebookBatch.unique_candidates``); the rest is the transformer + head.
+on the distinct per-position candidate phrases (``CodebookBatch.unique_candidates``); the rest is the transformer
++ head.
 
 The table goes to stdout and, with the raw numbers, to
 ``benchmarks/results/forward_speed.md`` / ``.json``.
@@ -55,12 +56,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from hypervocab.loading import load
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def time_median(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None) -> tuple[float, list[float]]:
+def time_median(fn: Callable[[], Any], repeats: int,
+                before: Callable[[], Any] | None = None) -> tuple[float, list[float]]:
     """Median seconds of ``repeats`` calls of ``fn`` after one warm-up; ``before`` runs untimed before each."""
     times: list[float] = []
     for i in range(repeats + 1):
@@ -216,18 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from assets import smollm2_model_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hypervocab import HyperConfig, HyperModel
+    from transformers import AutoModelForCausalLM
 
     path = smollm2_model_dir()
-    tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     base.train(False)
     for p in base.parameters():
         p.requires_grad_(True)
-    model = HyperModel.from_base(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok,
-                                 HyperConfig(max_codebook_size=2048, max_subtokens=4))
+    # a plain causal LM: hypervocab.load wraps its own copy with fresh encoders, on the CPU in float32
+    model, htok = load(path, device="cpu", dtype="float32", max_codebook_size=2048, max_subtokens=4)
+    tok = htok.tokenizer
     model.train(False)
     for p in model.base.parameters():  # the fairness rule: full backward through the base in both rows
         p.requires_grad_(True)

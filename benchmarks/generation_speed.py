@@ -50,21 +50,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from hypervocab.loading import load
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def load(model_dir: str, C: int, M: int) -> tuple[Any, Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def build_models(model_dir: str, C: int, M: int) -> tuple[Any, Any, Any]:
+    """(base tokenizer, plain base model, HyperModel over its own copy of the base), on the CPU in float32."""
+    from transformers import AutoModelForCausalLM
 
-    from hypervocab import HyperConfig, HyperModel
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    hyper = HyperModel.from_base(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tok,
-                                 HyperConfig(max_codebook_size=C, max_subtokens=M)).eval()
-    return tok, base, hyper
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # a plain causal LM: hypervocab.load wraps it with fresh encoders (speed does not depend on training)
+    hyper, htok = load(model_dir, device="cpu", dtype="float32", max_codebook_size=C, max_subtokens=M)
+    return htok.tokenizer, base, hyper
 
 
 def texts(tok: Any, n: int, tokens: int) -> list[list[int]]:
@@ -185,13 +185,14 @@ def profile(hyper: Any, prompt: torch.Tensor, steps: int) -> list[tuple[str, flo
     emb = cum("embedding.py", "forward")  # HyperEmbedding.forward comes first in the file, then HyperHead.forward
     return [
         ("whole generate() call", max(cum("generation.py", "generate"), default=0.0)),
-        ("reading codes: the base model's forward, all layers", sum(cum("generation.py", "forward"))),
+        ("reading codes (HyperSession.read): the base model's forward, all layers", sum(cum("session.py", "read"))),
         ("  of which the LM head over V + C ids", emb[1] if len(emb) > 1 else 0.0),
         ("  of which the input embedding with hypertoken lookups", emb[0] if emb else 0.0),
-        ("pushing chosen codes: decoder states and their new vectors", sum(cum("generation.py", "push_one"))),
+        ("pushing chosen codes (HyperSession.append): decoder states and their new vectors",
+         sum(cum("session.py", "append"))),
         ("hyper-encoders: the prompt's entries, then each step's new entries and next legal id",
-         sum(cum("generation.py", "_install"))),
-        ("choosing codes (greedy or sampling)", sum(cum("generation.py", "__call__"))),
+         sum(cum("session.py", "_install"))),
+        ("choosing codes (greedy or sampling)", sum(cum("sampling.py", "__call__"))),
     ]
 
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         from assets import smollm2_model_dir
 
         args.model = str(smollm2_model_dir())
-    tok, base, hyper = load(args.model, 2048, 4)
+    tok, base, hyper = build_models(args.model, 2048, 4)
     batches = {1: args.prompt_tokens, args.batch: args.batch_prompt_tokens}
     runs = {B: Run(tok, base, hyper, texts(tok, B, n + args.step_tokens), n) for B, n in batches.items()}
     free_ids = texts(tok, 1, args.prompt_tokens)[0]
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     f0 = free[0]
     tps_b, tps_h = f0["base_tokens_base"] / fb, f0["base_tokens_hyper"] / fh
     lines.append(f"| free generation, base tokens/s (untrained encoders: {f0['hypertokens']} of "
-                 f"{f0['codes_hyper']} codes were hypertokens) | 1 | {tps_b:.2f} | {tps_h:.2f} | {tps_h / tps_b:.2f}x | "
+                 f"{f0['codes_hyper']} codes were hypertokens) | 1 | {tps_b:.2f} | {tps_h:.2f} | "
+                 f"{tps_h / tps_b:.2f}x | "
                  "needs an uptrained model |")
     summary["free"] = free
     print("\n".join(lines), flush=True)  # the timings first: the profile below takes a while

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from hypervocab.loading import load
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 RESULTS = ROOT / "benchmarks" / "results"
@@ -137,8 +139,6 @@ def timed(fn: Any) -> tuple[float, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from zip2zip import Zip2ZipModel
 
-    from hypervocab import HyperModel, HyperTokenizer
-
     work = Path(tempfile.mkdtemp(prefix="interop-speed-"))
     try:
         if args.checkpoint is not None:
@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             build_checkpoint(base, directory, encoder=args.encoder, C=args.max_codebook_size, M=args.max_subtokens,
                              seed=args.seed, output_scale=args.output_scale)
         theirs = Zip2ZipModel.from_pretrained(str(directory)).eval()
-        ours = HyperModel.from_pretrained(directory).eval()
-        tok = HyperTokenizer.from_pretrained(directory)
+        # on the CPU in the public model's dtype, LoRA kept apart as the public runtime keeps it: the same rounding
+        ours, tok = load(directory, device="cpu", dtype=next(theirs.parameters()).dtype, merged=False)
         batch = tok(prompts(tok.tokenizer, args.batch, args.prompt_tokens), return_tensors="pt", padding=True)
         ids, mask = batch["input_ids"], batch["attention_mask"]
 
@@ -176,8 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         codes_ours = sum(len(c) for c in out_ours.new_codes)
         V = ours.config.base_vocab_size
         return {
-            "checkpoint": str(args.checkpoint) if args.checkpoint else f"built: {args.model}, {args.encoder}, "
-                                                                       f"C={args.max_codebook_size}, M={args.max_subtokens}",
+            "checkpoint": str(args.checkpoint) if args.checkpoint else (
+                f"built: {args.model}, {args.encoder}, C={args.max_codebook_size}, M={args.max_subtokens}"),
             "batch": args.batch, "prompt_codes": int(mask.sum()), "prompt_base_tokens": args.prompt_tokens * args.batch,
             "new_codes": {"public": codes_public, "hypervocab": codes_ours},
             "new_hypertokens": sum(c >= V for codes in out_ours.new_codes for c in codes),
@@ -200,7 +200,8 @@ def table(r: dict[str, Any]) -> str:
         rows.append(f"| {'zip2zip 0.2.0' if name == 'public' else 'hypervocab'} | {r['new_codes'][name]} | "
                     f"{r['seconds'][name]:.3f} | {r['codes_per_second'][name]:.1f} |")
     rows += ["", f"**Ratio (public time / hypervocab time): {r['ratio']:.2f}x**; identical outputs: "
-                 f"{'yes' if r['identical_outputs'] else 'NO'}; hypertokens among the new codes: {r['new_hypertokens']}."]
+                 f"{'yes' if r['identical_outputs'] else 'NO'}; hypertokens among the new codes: "
+                 f"{r['new_hypertokens']}."]
     return "\n".join(rows)
 
 

@@ -2,8 +2,9 @@
 """Load test of ``hypervocab serve``: concurrent streaming clients, every answer checked for correctness.
 
 The script starts the OpenAI-compatible server in-process on a loopback port (127.0.0.1 only), with
-``--model`` (``default``: the shipped model, or a hypervocab checkpoint folder, loaded like the CLI does)
-or ``--tiny`` (a tiny random Llama over the real SmolLM2 tokenizer: no weights needed, for a smoke run).
+``--model`` (``default``: the shipped model, or a hypervocab checkpoint folder, loaded with ``hypervocab.load``
+as the CLI does, on ``--device``) or ``--tiny`` (a tiny random Llama over the real SmolLM2 tokenizer: no weights
+needed, for a smoke run).
 
 1. Each distinct prompt is sent once, alone and sequentially, through the same server: that is the
    reference answer.  Requests are greedy (``temperature=0``), so a request must always get it back.
@@ -39,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hypervocab.loading import DTYPES, load, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -118,14 +121,12 @@ def tiny_model() -> tuple[Any, Any]:
     return model.eval(), tok
 
 
-def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+def served_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(model, base tokenizer, served model name) for the arguments."""
     if args.tiny:
         model, tok = tiny_model()
-        return model, tok, "tiny-random-llama"
-    from hypervocab.cli.main import load_model
-
-    model, htok = load_model(args.model, dtype=args.dtype)
+        return model.to(resolve_device(args.device)), tok, "tiny-random-llama"
+    model, htok = load(args.model, device=args.device, dtype=args.dtype)
     name = "hypervocab-smollm2-135m" if args.model == "default" else args.model.rstrip("/").split("/")[-1]
     return model, htok.tokenizer, name
 
@@ -243,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request client timeout in s (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clients' prompt choices (default 0)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="model dtype (default float32)")
+    parser.add_argument("--device", default="auto", help="'auto' (default: CUDA when available, else the CPU), "
+                        "'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                        help="model dtype (default 'auto': bfloat16 on a GPU that has it, else float32)")
     args = parser.parse_args(argv)
     for name in ("clients", "requests", "max_tokens"):
         if getattr(args, name) < 1:
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = stdlib_prompts() + ENGLISH
     t = time.perf_counter()
-    model, tok, model_name = load(args)
+    model, tok, model_name = served_model(args)
     print(f"loaded {model_name!r} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     # the queue must hold every client's request, or the load itself would cause 429s
     limits = ServeLimits(max_tokens=args.max_tokens, max_queue=max(32, args.clients))

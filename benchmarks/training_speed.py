@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
              f"SmolLM2-135M-Instruct{' (random weights)' if args.random_init else ''}, LoRA r=16 on "
              f"{', '.join(TARGETS)}; batch {B} x {L} positions; stdlib Python; median of {args.blocks} blocks of "
              f"{args.steps} steps, the runs taking turns; peak {peak / 1e12:.1f} TFLOP/s measured by a matrix product.",
-             "", "| run | base tokens per step | step time | base tokens/s | MFU |", "| --- | ---: | ---: | ---: | ---: |"]
+             "", "| run | base tokens per step | step time | base tokens/s | MFU |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name in rates:
         step_s = statistics.median(per_step[name])
         rate = statistics.median(rates[name])

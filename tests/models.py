@@ -33,7 +33,8 @@ ARCHS = ["llama", "qwen2", "gpt2", "phi3", "gemma3"]
 
 
 def make(arch: str, tok, **kw) -> HyperModel:
-    model = HyperModel.from_base(tiny(arch).eval(), tok, HyperConfig(**{"max_codebook_size": 64, "max_subtokens": 4, **kw}))
+    config = HyperConfig(**{"max_codebook_size": 64, "max_subtokens": 4, **kw})
+    model = HyperModel.from_base(tiny(arch).eval(), tok, config)
     with torch.no_grad():  # random encoders, so that hypertokens differ from their first subtoken
         for p in list(model.input_encoder.parameters()) + list(model.output_encoder.parameters()):
             p.normal_(0, 0.05)

@@ -1,4 +1,4 @@
-"""The worked examples of DESIGN.md section 2, checked in both directions."""
+"""The worked examples of docs/design.md section 4, checked in both directions."""
 
 import numpy as np
 import pytest

@@ -189,3 +189,25 @@ def test_copy_is_a_snapshot(data):
     assert snap == state  # and rolling forward again gives the same state
     state.reset()
     assert len(state) == 0 and state.pending == () and state == codec.decoder_state()
+
+
+@given(st.data())
+def test_next_phrase_is_the_one_rule(data):
+    """The scalar KwKwK rule (DecoderState.next_phrase), the array one for training (next_candidates) and
+    what the decoder accepts agree at every step of a stream."""
+    from hypervocab.codebook import next_candidates
+
+    codec = build(data.draw(codec_settings()))
+    V, C, M = codec.base_vocab_size, codec.max_codebook_size, codec.max_subtokens
+    state = codec.decoder_state()
+    for code in model_stream(data, codec):
+        phrase = state.next_phrase
+        pending = np.full(M, -1, np.int64)
+        pending[: len(state.pending)] = state.pending
+        row = next_candidates(pending[None], np.array([len(state)]), C)[0]
+        assert (tuple(int(t) for t in row if t >= 0) or None) == phrase
+        assert state.num_valid_codes == V + len(state) + (phrase is not None)
+        if phrase is not None:
+            probe = state.copy()
+            assert tuple(probe.push(state.next_id).ids) == phrase
+        state.push(code)

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hypervocab import LZWCodec
+
 from .conftest import codec_settings, id_sequences, model_stream
 
 zip2zip_compression = pytest.importorskip("zip2zip_compression", reason="pip install zip2zip-compression==0.3.4")

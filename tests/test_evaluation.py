@@ -166,8 +166,9 @@ def test_eval_speed_command(checkpoint, tmp_path):
                  "--free", str(src / "errors.py"), "--model", str(checkpoint), "--max-prompt-tokens", "200",
                  "--max-new-tokens", "8", "--repeats", "1", "--out", str(out), "--plot"]) == 0
     report = json.loads((out / "speed.json").read_text())
+    systems = ("base", "hypervocab", "prompt_lookup", "hypervocab_lookup")
     assert sorted((r["workload"], r["system"]) for r in report["rows"]) == sorted(
-        (w, s) for w in ("edit", "document", "free") for s in ("base", "hypervocab", "prompt_lookup"))
+        (w, s) for w in ("edit", "document", "free") for s in systems)
     assert report["settings"]["model"] == str(checkpoint)
     assert (out / "speed.md").read_text().count("\n| ") >= 9
     assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"

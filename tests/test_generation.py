@@ -10,7 +10,7 @@ import torch
 
 from hypervocab import HyperConfig, HyperModel, HyperTokenizer
 from hypervocab.errors import ConfigError, InputTypeError, InvalidCodeError
-from hypervocab.generation import IncrementalDetokenizer
+from hypervocab.streaming import IncrementalDetokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -241,6 +241,7 @@ def test_bad_generation_options_give_clear_errors(smollm2_tokenizer, htok):
         model.generate(bad)
 
 
+@pytest.mark.slow
 def test_real_smollm2_greedy_equals_the_base_model_and_hypertokens_flow():
     from assets import smollm2_model_dir
 

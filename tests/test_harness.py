@@ -23,7 +23,6 @@ from hypervocab.errors import ConfigError, InputTypeError  # noqa: E402
 from hypervocab.evaluation import harness  # noqa: E402
 from hypervocab.evaluation.harness import HyperLM, main  # noqa: E402
 from hypervocab.evaluation.likelihood import prefix_id, score_texts  # noqa: E402
-from hypervocab.generation import encode_continuation  # noqa: E402
 
 from .models import V  # noqa: E402
 
@@ -94,7 +93,7 @@ def direct(model: HyperModel, ctx: list[int], target: list[int]) -> tuple[float,
     ctx_codes = codec.encode(ctx).tolist()
     state = codec.decoder_state()
     state.push(ctx_codes)
-    tgt = encode_continuation(codec, target, state)
+    tgt = codec.encode_continuation(target, state)
     assert codec.decode(ctx_codes + tgt).tolist() == list(ctx) + list(target)
     with torch.no_grad():
         rows = model(torch.tensor([ctx_codes + tgt])).logits[0, len(ctx_codes) - 1:-1].float()
@@ -236,6 +235,29 @@ def test_loads_from_folders_with_a_base_model_override(lm, saved, smollm2_tokeni
 def test_a_cuda_device_falls_back_to_the_cpu_without_cuda(saved, smollm2_tokenizer):
     # lm-eval's command line asks for cuda:0 unless --device is given
     assert HyperLM(model=saved[2], tokenizer=smollm2_tokenizer, device="cuda:0").device == torch.device("cpu")
+
+
+def test_pretrained_takes_device_and_dtype_as_hypervocab_load_does(lm, saved):
+    _, hyper_dir, _ = saved
+    args = requests("loglikelihood", PAIRS[2])
+    ((want, _),) = lm.loglikelihood(args)
+    for device, dtype in (("cpu", "float32"), ("cpu", "torch.float32"), ("cpu", torch.float32), ("auto", "auto")):
+        loaded = HyperLM(pretrained=str(hyper_dir), device=device, dtype=dtype)
+        if not torch.cuda.is_available():
+            assert loaded.device == torch.device("cpu") and next(loaded.model.parameters()).dtype == torch.float32
+            ((got, _),) = loaded.loglikelihood(args)
+            assert got == pytest.approx(want, abs=1e-5)
+    assert not HyperLM(pretrained=str(hyper_dir), dtype="bfloat16").model.training
+    with pytest.raises(ConfigError, match=r"dtype must be one of 'auto', 'float32', 'bfloat16', 'float16' or a "
+                                          r"torch.dtype, got 'int8'"):
+        HyperLM(pretrained=str(hyper_dir), dtype="int8")
+    with pytest.raises(ConfigError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"):
+        HyperLM(pretrained=str(hyper_dir), device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="falls back only where CUDA is missing")
+def test_pretrained_on_cuda_falls_back_to_the_cpu_without_cuda(saved):
+    assert HyperLM(pretrained=str(saved[1]), device="cuda").device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -1,4 +1,5 @@
-"""Chunked scoring and the first-token distillation (hypervocab.loss), on tiny random models over the real vocabulary."""
+"""Chunked scoring and the first-token distillation (hypervocab.loss), on tiny random models over the real
+vocabulary."""
 
 from __future__ import annotations
 

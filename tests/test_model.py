@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,12 +27,12 @@ def htok(smollm2_tokenizer):
 
 
 def step_by_step(model: HyperModel, codes: torch.Tensor) -> torch.Tensor:
-    out = model(codes[:, :1], use_cache=True)
-    logits = [out.logits]
-    for t in range(1, codes.shape[1]):
-        out = model(codes[:, t: t + 1], past_key_values=out.past_key_values, hyper_state=out.hyper_state,
-                    use_cache=True)
-        logits.append(out.logits)
+    """The logits of every position, read a code at a time through a session (its KV cache and growing tables)."""
+    session = model.new_session(codes.shape[0])
+    logits = []
+    for t in range(codes.shape[1]):
+        step, _, _ = session.feed(codes[:, t: t + 1].numpy(), np.ones((codes.shape[0], 1), np.int64))
+        logits.append(step[:, None])
     return torch.cat(logits, 1)
 
 
@@ -51,8 +52,8 @@ def test_without_hypertokens_logits_equal_the_base_model(arch, smollm2_tokenizer
         assert torch.equal(zero(codes).logits, want)  # C = 0: the codec changes nothing
 
 
-MODES = [(arch, "exact", "base") for arch in ARCHS] + [("llama", m, p) for m, p in
-                                                       [("exact", "compressed"), ("none", "base"), ("none", "compressed")]]
+MODES = [(arch, "exact", "base") for arch in ARCHS] + [
+    ("llama", m, p) for m, p in [("exact", "compressed"), ("none", "base"), ("none", "compressed")]]
 
 
 @pytest.mark.parametrize("arch, mask, positions", MODES)
@@ -173,13 +174,14 @@ def test_bad_input_gives_clear_errors(smollm2_tokenizer, tmp_path):
         model(torch.tensor([[5, V + 64]]))
     with pytest.raises(InvalidCodeError, match=re.escape("codes[0][1] = 49153 cannot be decoded")):
         model(torch.tensor([[5, V + 1]]))  # a hypertoken that was never defined
-    # a cached step with a bad code in one row leaves every row's state as it was
-    out = model(torch.tensor([[5, 6, 5], [7, 8, 7]]), use_cache=True)
-    before = [d.copy() for d in out.hyper_state.decoders]
-    for bad in (torch.tensor([[6], [V + 9]]), torch.tensor([[6, 5], [8, V + 9]])):
-        with pytest.raises(InvalidCodeError, match=re.escape("input_ids[1][") ):
-            model(bad, past_key_values=out.past_key_values, hyper_state=out.hyper_state, use_cache=True)
-        assert out.hyper_state.decoders == before
+    # a session step with a bad code in one row leaves every row's state as it was
+    session = model.new_session(2)
+    session.feed(np.array([[5, 6, 5], [7, 8, 7]]), np.ones((2, 3), np.int64))
+    before = [d.copy() for d in session.decoders]
+    for bad in (np.array([[6], [V + 9]]), np.array([[6, 5], [8, V + 9]])):
+        with pytest.raises(InvalidCodeError, match=re.escape("input_ids[1][")):
+            session.feed(bad, np.ones_like(bad))
+        assert session.decoders == before
     small = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=1000, hidden_size=16,
                                                                    intermediate_size=32, num_hidden_layers=1,
                                                                    num_attention_heads=2))
@@ -194,12 +196,14 @@ def test_bad_input_gives_clear_errors(smollm2_tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="holds no hypervocab_config.json: not a hypervocab checkpoint"):
         HyperModel.from_pretrained(tmp_path / "nowhere")
     assert other.max_codebook_size == 64
-    with pytest.raises(InputTypeError, match=re.escape("labels must be a tensor shaped like input_ids (1, 2), got (1, 3)")):
+    expected = "labels must be a tensor shaped like input_ids (1, 2), got (1, 3)"
+    with pytest.raises(InputTypeError, match=re.escape(expected)):
         model(torch.tensor([[5, 6]]), labels=torch.tensor([[5, 6, 7]]))
     htok = HyperTokenizer.from_base(smollm2_tokenizer, model.config)
     with pytest.raises(InputTypeError, match=re.escape("text must be a str or a list of str, got int")):
         htok(["fine", 3])
-    with pytest.raises(InputTypeError, match=re.escape("input_ids must be a [batch, length] integer torch.Tensor, got list")):
+    expected = "input_ids must be a [batch, length] integer torch.Tensor, got list"
+    with pytest.raises(InputTypeError, match=re.escape(expected)):
         model([[5, 6]])
     with pytest.raises(ConfigError, match=re.escape("codebook_mask must be one of 'exact', 'none', got 'full'")):
         HyperConfig(codebook_mask="full")

@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from hypervocab.errors import ConfigError  # noqa: E402
 from hypervocab.serving import ServeLimits, create_app  # noqa: E402
 
 from .models import make  # noqa: E402
@@ -456,6 +457,7 @@ def test_the_playground_sends_a_csp_that_allows_exactly_its_script_and_style(ser
 
 def test_the_cli_flags_and_their_defaults(monkeypatch, model, smollm2_tokenizer):
     from hypervocab.cli import main as cli_main
+    from hypervocab.cli import serve as cli_serve
     from hypervocab.cli.serve import server_settings
 
     parser = cli_main.build_parser()
@@ -475,10 +477,14 @@ def test_the_cli_flags_and_their_defaults(monkeypatch, model, smollm2_tokenizer)
     assert (app_kw["limits"].max_body_bytes, app_kw["limits"].read_timeout, uv["timeout_graceful_shutdown"]) == \
         (5000, 2.5, 3.0)
     assert server_settings(parser.parse_args(["serve", "--api-key", "flag"]))[0]["api_key"] == "flag"
+    assert app_kw["prompt_lookup"] == 0  # speculative decoding is off unless asked for
+    assert server_settings(parser.parse_args(["serve", "--prompt-lookup", "6"]))[0]["prompt_lookup"] == 6
+    with pytest.raises(ConfigError, match=re.escape("--prompt-lookup must be an int >= 0, got -1")):
+        server_settings(parser.parse_args(["serve", "--prompt-lookup", "-1"]))
 
     # the whole command, with the model loader and uvicorn stubbed: the app it builds enforces the key
     ran = {}
-    monkeypatch.setattr(cli_main, "load_model", lambda *a, **k: (model, SimpleNamespace(tokenizer=smollm2_tokenizer)))
+    monkeypatch.setattr(cli_serve, "load", lambda *a, **k: (model, SimpleNamespace(tokenizer=smollm2_tokenizer)))
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     assert cli_main.main(["serve", "--served-model-name", "tiny", "--shutdown-timeout", "4"]) == 0
     assert ran["timeout_graceful_shutdown"] == 4.0
@@ -567,3 +573,19 @@ def test_metrics_count_requests_tokens_queue_and_hypertokens(model, smollm2_toke
                                                 "cancelled": 0}
     finally:
         app.state.engine.close()
+
+
+def test_a_server_with_prompt_lookup_answers_what_one_without_it_answers(model, smollm2_tokenizer):
+    prompt = "def area(w, h):\n    return w * h\n\n\ndef area(w, h):\n    return w * h\n\n\n" * 2
+    texts = []
+    for k in (0, 5):
+        app = create_app(model, smollm2_tokenizer, model_name="tiny", prompt_lookup=k,
+                         limits=ServeLimits(max_prompt_tokens=400, max_tokens=64))
+        client = TestClient(app, base_url="http://127.0.0.1")
+        try:
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 30, "temperature": 0})
+            assert r.status_code == 200
+            texts.append(r.json()["choices"][0]["text"])
+        finally:
+            app.state.engine.close()
+    assert texts[0] == texts[1] and texts[0]

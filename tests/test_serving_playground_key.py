@@ -22,7 +22,8 @@ from .test_serving import Server  # noqa: E402
 PROMPT = "for i in range(10):\n    print(i)\n" * 2
 
 
-def test_the_playground_sends_the_api_key(browser: Any, smollm2_tokenizer: Any) -> None:
+def test_the_playground_sends_the_api_key(browser: Any,  # noqa: F811 (a pytest fixture)
+                                           smollm2_tokenizer: Any) -> None:
     tok = smollm2_tokenizer
     model = make("llama", tok)
     s = Server(create_app(model, tok, model_name="tiny", api_key="sk-page",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypervocab import HyperConfig, HyperModel
+from hypervocab import HyperConfig, HyperModel, HyperTokenizer, load
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -42,9 +42,7 @@ def base_dir():
 
 @pytest.fixture(scope="module")
 def shipped(base_dir):
-    from hypervocab.pretrained import load_default
-
-    return load_default(base_model=base_dir)
+    return load("default", base_model=base_dir, device="cpu")
 
 
 def test_shipped_model_loads_merged_and_reads_held_out_code_better_than_untrained_encoders(shipped, base_dir):
@@ -61,8 +59,29 @@ def test_shipped_model_loads_merged_and_reads_held_out_code_better_than_untraine
         with torch.no_grad():
             trained = model(codes, labels=codes).loss.item()
             untrained = fresh(codes, labels=codes).loss.item()
-        # measured 3.47 vs 5.27 and 4.13 vs 5.88 nats per code (step 340): the shipped weights loaded and training helped
+        # measured 3.47 vs 5.27 and 4.13 vs 5.88 nats per code (step 340): the shipped weights loaded, training helped
         assert trained < 0.8 * untrained, (name, trained, untrained)
+
+
+def test_default_is_what_from_pretrained_and_merge_adapter_gave(shipped, base_dir):
+    # how the shipped model loaded before hypervocab.load: the base model in float32, the shipped folder over it,
+    # eval mode, LoRA merged
+    from hypervocab.pretrained import DEFAULT_MODEL, shipped_dir
+    from hypervocab.tokenizer import load_tokenizer
+
+    model, htok = shipped
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.float32)}
+    old = HyperModel.from_pretrained(shipped_dir(), base_model=transformers.AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32)).eval().merge_adapter()
+    old_tok = HyperTokenizer(load_tokenizer(str(base_dir)), old.config)
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
+    codes = htok(prompt, return_tensors="pt")["input_ids"]
+    assert codes.tolist() == old_tok(prompt, return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        assert torch.equal(model(codes).logits, old(codes).logits)
+    by_name, _ = load(DEFAULT_MODEL, base_model=base_dir, device="cpu")  # the shipped model by its own name
+    with torch.no_grad():
+        assert torch.equal(by_name(codes).logits, old(codes).logits)
 
 
 def test_merged_and_unmerged_shipped_model_write_the_same_text(shipped):
@@ -94,3 +113,22 @@ def test_demo_shows_three_prompts_their_compression_and_the_speed_table(base_dir
     assert len(table) == 3 and table[0].startswith("| continue real code | ")
     # the distinct 4-gram ratios of the hypervocab output and the base model's, on the same prompt
     assert all(re.search(r"\| [01]\.\d\d / [01]\.\d\d \|$", line) for line in table), table
+    # both prompt lookups timed on the same prompt: hypervocab's (drafts of codes) and the base model's
+    assert all(re.search(r"\| [\d.]+ \| [\d.]+ \| [\d.]+x / [\d.]+x \|", line) for line in table), table
+    assert len(re.findall(r"with prompt lookup \(K=10\): hypervocab [\d.]+, base [\d.]+ tokens/s", out)) == 3
+
+
+def test_speculative_decoding_on_the_shipped_model_writes_its_greedy_output(shipped):
+    """Prompt lookup on the real model and a real file: the same codes as plain greedy, and drafts taken."""
+    model, htok = shipped
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    code = (lib / HELD_OUT[1]).read_text(encoding="utf-8")[:1500]
+    prompt = code + "\n\n# The same code once more, unchanged:\n" + code[:400]
+    codes = htok(prompt, return_tensors="pt")["input_ids"]
+    kw = dict(max_new_tokens=48, eos_token_id=[], return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(codes, **kw)
+        got = model.generate(codes, prompt_lookup_num_tokens=8, **kw)
+    assert got.new_codes == want.new_codes and got.new_base_ids == want.new_base_ids
+    st = got.stats[0]
+    assert st.accepted_codes > 0 and st.draft_codes >= st.accepted_codes

@@ -89,7 +89,7 @@ def test_training_makes_the_loss_fall_and_greedy_output_use_hypertokens(base_dir
                                  trained.config).eval()
     before, after = greedy_hyper_share(fresh, htok), greedy_hyper_share(trained, htok)
     assert after > 0.3 and after > before + 0.2, (before, after)
-    from hypervocab.training.plot import plot_run
+    from hypervocab.plots import plot_run
 
     png = plot_run(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -110,8 +110,8 @@ def test_text_windows_are_lossless_and_fully_labelled(smollm2_tokenizer, codec, 
 
     b = train.batch([0, len(train) - 1])
     width = int(max(train.n_codes[0], train.n_codes[-1]))
-    assert {k: tuple(v.shape) for k, v in b.items()} == {k: (2, width) for k in ("input_ids", "attention_mask",
-                                                                                   "labels")}
+    names = ("input_ids", "attention_mask", "labels")
+    assert {k: tuple(v.shape) for k, v in b.items()} == dict.fromkeys(names, (2, width))
     assert b["attention_mask"].sum(1).tolist() == [train.n_codes[0], train.n_codes[-1]]
     assert np.array_equal(b["input_ids"].numpy(), train.codes[[0, -1], :width])
     assert np.array_equal(b["labels"].numpy(), train.labels[[0, -1], :width])

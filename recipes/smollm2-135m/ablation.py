@@ -52,10 +52,10 @@ def _untrained(run: Path, base_model: str, hyper: dict[str, Any]) -> Path:
 
 
 def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
-    from hypervocab.evaluation.plots import _pyplot
+    from hypervocab.plots import figure
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig = figure(figsize=(14, 4))
+    axes = fig.subplots(1, 3)
     names = list(results)
     domains = [r["domain"] for r in next(iter(results.values()))["bpb"]]
     width = 0.8 / len(names)

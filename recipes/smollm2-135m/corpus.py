@@ -40,11 +40,11 @@ import sysconfig
 import tarfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.parser import HeaderParser
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -65,27 +65,7 @@ SAMPLE = 512 << 10  # bytes per (domain, origin) tokenized to estimate tokens
 # newest of late 2026), as CPython 3.12 / manylinux wheels like the image's. Left out: packages whose wheels are
 # large and almost all binary (triton, jaxlib, cupy-cuda13x, onnxruntime, opencv, llvmlite, the nvidia CUDA
 # libraries but for their small header wheels); torch comes from this environment.
-IMAGE_PINS = """
-accelerate==1.15.0 botorch==0.18.1 gpytorch==1.15.2 linear-operator==0.6.1 jax==0.11.2 flax==0.12.12
-optax==0.2.8 chex==0.1.92 equinox==0.13.8 diffrax==0.7.2 lineax==0.1.1 optimistix==0.1.0 numpyro==0.21.0
-orbax-checkpoint==0.12.8 etils==1.15.0 treescope==0.1.10 jaxtyping==0.3.11 transformers==5.17.0 peft==0.21.2
-sentence-transformers==6.0.1 huggingface-hub==1.33.0 timm==1.0.31 torchvision==0.26.0 torchaudio==2.11.0
-torch-geometric==2.8.0.post1 torchmetrics==1.9.0 lightning==2.6.6 pytorch-lightning==2.6.6
-lightning-utilities==0.15.3 e3nn==0.6.0 einops==0.8.2 opt-einsum==3.4.0 sympy==1.14.0 mpmath==1.4.1
-scipy==1.18.1 numpy==2.5.2 pandas==3.1.1 scikit-learn==1.9.1 scikit-image==0.26.0 statsmodels==0.15.0
-patsy==1.0.3 formulaic==1.2.2 matplotlib==3.11.2 seaborn==0.13.2 networkx==3.7 numba==0.68.1
-numba-cuda==0.30.4 xarray==2026.9.0 narwhals==2.28.0 pyarrow==26.0.1 onnx==1.23.1 onnxscript==0.7.2
-onnx-ir==1.0.0 cython==3.3.1 pygments==2.21.0 hypothesis==6.170.15 pytest==9.2.0 werkzeug==3.1.9
-jinja2==3.1.6 cmake==4.4.4 meson==1.12.1 scikit-build-core==1.1.2 pybind11==3.1.0 nanobind==3.1.0
-mpi4py==4.1.2 tensorboard==2.21.0 fonttools==4.68.0 pillow==13.0.0 lxml==6.1.3 h5py==3.16.0 imageio==2.38.1
-tifffile==2026.11.8 sacrebleu==2.6.0 rich==15.0.0 click==8.5.1 typer==0.29.1 aiohttp==3.14.5 httpx==0.28.1
-requests==2.34.2 urllib3==2.8.0 setuptools==84.2.1 coverage==7.17.3 protobuf==7.36.2 grpcio==1.85.1
-absl-py==2.5.1 markdown==3.11.3 markdown-it-py==4.3.0 pyparsing==3.3.3 python-dateutil==4.0.0 joblib==1.6.0
-tqdm==4.70.1 toolz==1.2.0 cloudpickle==3.1.2 fsspec==2026.9.0 attrs==26.1.0 anyio==4.16.0 wrapt==2.5.2
-multidict==7.2.1 yarl==1.25.1 msgpack==1.2.4 packaging==26.3 pluggy==1.7.0 psutil==7.2.2 regex==2026.11.15
-safetensors==0.8.0 tiktoken==0.14.0 tokenizers==0.23.2 sentencepiece==0.2.3 typing-extensions==4.16.0
-nvidia-cuda-runtime==13.5.37 nvidia-nvtx==13.4.92 cuda-bindings==13.5.0 cuda-core==1.2.2 cuda-pathfinder==1.9.0
-""".split()
+IMAGE_PINS = ["accelerate==1.15.0", "botorch==0.18.1", "gpytorch==1.15.2", "linear-operator==0.6.1", "jax==0.11.2", "flax==0.12.12", "optax==0.2.8", "chex==0.1.92", "equinox==0.13.8", "diffrax==0.7.2", "lineax==0.1.1", "optimistix==0.1.0", "numpyro==0.21.0", "orbax-checkpoint==0.12.8", "etils==1.15.0", "treescope==0.1.10", "jaxtyping==0.3.11", "transformers==5.17.0", "peft==0.21.2", "sentence-transformers==6.0.1", "huggingface-hub==1.33.0", "timm==1.0.31", "torchvision==0.26.0", "torchaudio==2.11.0", "torch-geometric==2.8.0.post1", "torchmetrics==1.9.0", "lightning==2.6.6", "pytorch-lightning==2.6.6", "lightning-utilities==0.15.3", "e3nn==0.6.0", "einops==0.8.2", "opt-einsum==3.4.0", "sympy==1.14.0", "mpmath==1.4.1", "scipy==1.18.1", "numpy==2.5.2", "pandas==3.1.1", "scikit-learn==1.9.1", "scikit-image==0.26.0", "statsmodels==0.15.0", "patsy==1.0.3", "formulaic==1.2.2", "matplotlib==3.11.2", "seaborn==0.13.2", "networkx==3.7", "numba==0.68.1", "numba-cuda==0.30.4", "xarray==2026.9.0", "narwhals==2.28.0", "pyarrow==26.0.1", "onnx==1.23.1", "onnxscript==0.7.2", "onnx-ir==1.0.0", "cython==3.3.1", "pygments==2.21.0", "hypothesis==6.170.15", "pytest==9.2.0", "werkzeug==3.1.9", "jinja2==3.1.6", "cmake==4.4.4", "meson==1.12.1", "scikit-build-core==1.1.2", "pybind11==3.1.0", "nanobind==3.1.0", "mpi4py==4.1.2", "tensorboard==2.21.0", "fonttools==4.68.0", "pillow==13.0.0", "lxml==6.1.3", "h5py==3.16.0", "imageio==2.38.1", "tifffile==2026.11.8", "sacrebleu==2.6.0", "rich==15.0.0", "click==8.5.1", "typer==0.29.1", "aiohttp==3.14.5", "httpx==0.28.1", "requests==2.34.2", "urllib3==2.8.0", "setuptools==84.2.1", "coverage==7.17.3", "protobuf==7.36.2", "grpcio==1.85.1", "absl-py==2.5.1", "markdown==3.11.3", "markdown-it-py==4.3.0", "pyparsing==3.3.3", "python-dateutil==4.0.0", "joblib==1.6.0", "tqdm==4.70.1", "toolz==1.2.0", "cloudpickle==3.1.2", "fsspec==2026.9.0", "attrs==26.1.0", "anyio==4.16.0", "wrapt==2.5.2", "multidict==7.2.1", "yarl==1.25.1", "msgpack==1.2.4", "packaging==26.3", "pluggy==1.7.0", "psutil==7.2.2", "regex==2026.11.15", "safetensors==0.8.0", "tiktoken==0.14.0", "tokenizers==0.23.2", "sentencepiece==0.2.3", "typing-extensions==4.16.0", "nvidia-cuda-runtime==13.5.37", "nvidia-nvtx==13.4.92", "cuda-bindings==13.5.0", "cuda-core==1.2.2", "cuda-pathfinder==1.9.0"]
 WHEEL_TAGS = ["--python-version", "3.12", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
               "--platform", "manylinux_2_27_x86_64", "--platform", "manylinux_2_17_x86_64",
               "--platform", "manylinux2014_x86_64"]
@@ -353,7 +333,7 @@ def tree_licenses(root: Path) -> dict[str, tuple[str, str]]:
         if not meta_file.is_file():
             continue
         msg = HeaderParser().parsestr(meta_file.read_text(encoding="utf-8", errors="replace"))
-        meta = {k: v for k, v in msg.items()}
+        meta = dict(msg.items())
         dist = f"{meta.get('Name', info.name)}=={meta.get('Version', '?')}"
         lic = _dist_license(meta, msg.get_all("Classifier") or [])
         tops = {info.name}
@@ -757,7 +737,7 @@ def _write_part(path: Path, sources: list[Source], limit: int, heldout: frozense
     added: set[int] = set()
     with open(path, "wb") as f:
         stream = _Counted(f, preset)
-        tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.GNU_FORMAT, encoding="utf-8")
+        tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.GNU_FORMAT, encoding="utf-8")  # noqa: SIM115
         for s in sources:
             st = s.stats = {"documents": 0, "bytes": 0, "skipped": Counter(), "complete": True}
             cap = None if s.cap_mb is None else int(s.cap_mb * (1 << 20))
@@ -1078,7 +1058,7 @@ def build_origin(out: Path, origin: str, items: list[tuple[str, str, str, str]],
                                 for i in order]))
         # a fixed sample for the token estimate: the first documents of the shuffled order
         sample, sb = [], 0
-        for _, i, row, nbytes, _ in docs:
+        for _, i, row, _nbytes, _ in docs:
             if sb >= SAMPLE:
                 break
             text, all_rows = _read_doc(items[i][2], domain)
@@ -1167,8 +1147,8 @@ def build(out: Path, pack: Path | None = None, source: str | None = "local", bud
             rs = roots if roots is not None else tree_roots(source)
             lic: dict[str, str] = {}
             for r, _ in rs:
-                for top, (dist, l) in tree_licenses(r).items():
-                    lic.setdefault(top, f"{l} ({dist})")
+                for top, (dist, licence) in tree_licenses(r).items():
+                    lic.setdefault(top, f"{licence} ({dist})")
             return list_tree(rs, exclude), lic
         todo.append(("tree", tree))
     if pack is not None:
@@ -1240,7 +1220,7 @@ def write_summary(out: Path) -> dict:
             for src, v in d["sources"].items():
                 s["sources"][f"{origin}:{src}"] = v
     total = {"documents": 0, "bytes": 0, "tokens": 0}
-    for domain, s in domains.items():
+    for s in domains.values():
         s["tokens"] = sum(o["tokens"] for o in s["origins"].values())
         s["bytes_per_token"] = round(s["bytes"] / s["tokens"], 3) if s["tokens"] else None
         s["skipped"] = dict(sorted(s["skipped"].items()))

@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hypervocab.cli.demo import demo_prompts
+from hypervocab.evaluation.diversity import distinct_ngram_ratio, greedy_pair
+from hypervocab.loading import DTYPES, load
+
 ROOT = Path(__file__).resolve().parents[2]
 HELDOUT = ROOT / ".cache" / "smollm2-data" / "heldout"
 DOMAINS = {"python": "*.py", "docs": "*.rst.txt", "json": "*.json", "po": "*.po"}
@@ -51,25 +55,22 @@ def heldout_texts(root: Path, max_bytes: int) -> dict[str, list[str]]:
 
 
 def evaluate(run: str | Path, *, base_model: str | Path, heldout: Path = HELDOUT, max_bytes: int = 8000,
-             window: int = 1024, stride: int = 512, new_tokens: int = 80, device: str = "cpu") -> dict[str, Any]:
-    """Every figure of the module docstring for the model in ``run`` (a folder ``HyperModel.from_pretrained`` reads)."""
+             window: int = 1024, stride: int = 512, new_tokens: int = 80, device: str = "cpu",
+             dtype: str = "float32") -> dict[str, Any]:
+    """Every figure of the module docstring for the model in ``run`` (a folder ``hypervocab.load`` reads)."""
     import torch
 
-    from hypervocab.cli.demo import _prompts
-    from hypervocab.cli.main import load_model
-    from hypervocab.evaluation.diversity import distinct_ngram_ratio, greedy_pair
-    from hypervocab.evaluation.likelihood import bits_per_byte_report, first_token_divergence
+    from hypervocab.evaluation.likelihood import bits_per_byte_report, first_token_divergence  # imports torch
 
     t0 = time.perf_counter()
-    model, htok = load_model(str(run), base_model=str(base_model))
-    model.to(device)
+    model, htok = load(run, base_model=base_model, device=device, dtype=dtype)
     tok = htok.tokenizer
     texts = heldout_texts(heldout, max_bytes)
     with torch.no_grad():
         bpb = bits_per_byte_report(model, tok, texts, window=window, stride=stride)
         drift = first_token_divergence(model, tok, [t for ts in texts.values() for t in ts][:8], window=window)
     samples = []
-    for title, prompt, special in _prompts(tok):
+    for title, prompt, special in demo_prompts(tok):
         hyper, base = greedy_pair(model, tok, prompt, add_special_tokens=special, max_new_tokens=new_tokens)
         samples.append({"prompt": title, "hypervocab_distinct4": distinct_ngram_ratio(hyper),
                         "base_distinct4": distinct_ngram_ratio(base), "hypervocab_text": tok.decode(hyper),
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", default=None, help="the base model folder (default: the converted SmolLM2)")
     parser.add_argument("--heldout", type=Path, default=HELDOUT, help="prepare_data.py's held-out folder")
     parser.add_argument("--max-bytes", type=int, default=8000, help="held-out bytes per domain (default 8000)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N or auto")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="model dtype (default float32; auto: bfloat16 on a GPU that has it)")
     parser.add_argument("--new-tokens", type=int, default=80, help="base tokens per greedy sample (default 80)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.base_model = str(smollm2_base_dir())
     result = evaluate(args.run, base_model=args.base_model, heldout=args.heldout, max_bytes=args.max_bytes,
-                      device=args.device, new_tokens=args.new_tokens)
+                      device=args.device, dtype=args.dtype, new_tokens=args.new_tokens)
     print(markdown(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

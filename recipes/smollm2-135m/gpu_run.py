@@ -124,11 +124,11 @@ def _eval_files(heldout: Path, max_bytes: int) -> dict[str, Path]:
 
 def cmd_pack(args: argparse.Namespace) -> None:
     os.environ.setdefault("HYPERVOCAB_CACHE", str(ROOT / ".cache"))
-    from hypervocab.pretrained import _smollm2_gguf, smollm2_base_dir, smollm2_tokenizer_dir
+    from hypervocab.pretrained import smollm2_base_dir, smollm2_gguf, smollm2_tokenizer_dir
 
     scratch = ROOT / ".cache" / "gpu-pack"
     scratch.mkdir(parents=True, exist_ok=True)
-    gguf = _smollm2_gguf(install=True)
+    gguf = smollm2_gguf()
     xz = scratch / (GGUF_NAME + ".xz")
     if not xz.is_file() or xz.stat().st_mtime < gguf.stat().st_mtime:
         log(f"compressing {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB)")
@@ -152,8 +152,9 @@ def cmd_pack(args: argparse.Namespace) -> None:
     for name in ("part-1.tar.xz", "heldout-lines.bin", "manifest.json"):
         shutil.copyfile(pack / name, one / name)
     shutil.copyfile(pack / "part-2.tar.xz", two / "part-2.tar.xz")
-    import gguf as gguf_package
     from importlib.metadata import version
+
+    import gguf as gguf_package
 
     run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", one / "wheels",
          f"gguf=={version('gguf')}"])

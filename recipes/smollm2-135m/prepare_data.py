@@ -11,7 +11,8 @@ Every source is real text that installs offline (see the README's "Shipped model
     po            Django's translation catalogues (``*.po``, 99 locales)
 
 The three packages are installed, pinned and without dependencies, into ``.cache/corpora`` (text only, never
-imported); the docs come from Debian's ``python3.11-doc``.  Each file goes to ``train/`` or ``heldout/`` by a hash of its relative path and the seed (10% held out),
+imported); the docs come from Debian's ``python3.11-doc``.  Each file goes to ``train/`` or ``heldout/`` by a hash of
+its relative path and the seed (10% held out),
 so the split is the same on every machine and evaluation text never trains.  Files are copied in a
 fixed order until the domain's byte budget is reached.
 
@@ -47,7 +48,8 @@ def _package_dir(name: str) -> Path:
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise SystemExit(f"{name} could not be installed: run `pip install --no-deps --target {CORPORA} {PINNED[name]}`")
+        raise SystemExit(f"{name} could not be installed: "
+                         f"run `pip install --no-deps --target {CORPORA} {PINNED[name]}`")
     return Path(spec.origin).parent
 
 

@@ -27,7 +27,7 @@ def _half(src: Path, dst: Path) -> int:
 
     with safe_open(str(src), "pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, str(dst), metadata=meta)
     return sum(v.numel() for v in tensors.values())

@@ -7,34 +7,44 @@ needs NumPy only; model and tokenizer support import their extras when used.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import errors
 from .codebook import Codebook, Entry
 from .codec import Decoded, DecoderState, EncodedBatch, LZWCodec, Window
 from .config import HyperConfig
 from .errors import ConfigError, HypervocabError, InvalidCodeError, InvalidTokenError
+from .streaming import HyperTextStreamer, IncrementalDetokenizer
 from .tokenizer import HyperTokenizer
+from .version import __version__
 
 
 def __getattr__(name: str):
     # the model needs torch: import it only when asked for, so `import hypervocab` stays light
-    if name in ("HyperModel", "HyperOutput", "HyperState"):
+    if name in ("HyperModel", "HyperOutput"):
         from . import model
 
         return getattr(model, name)
-    if name in ("GenerationOutput", "HyperTextStreamer", "IncrementalDetokenizer", "SequenceStats"):
+    if name in ("GenerationOutput", "SequenceStats"):
         from . import generation
 
         return getattr(generation, name)
+    if name == "HyperSession":
+        from . import session
+
+        return session.HyperSession
+    if name == "load":
+        from . import loading
+
+        return loading.load
     raise AttributeError(f"module 'hypervocab' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
+    "load",
     "errors",
     "HyperConfig",
     "HyperModel",
     "HyperTokenizer",
+    "HyperSession",
     "GenerationOutput",
     "HyperTextStreamer",
     "IncrementalDetokenizer",

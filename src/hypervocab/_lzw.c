@@ -5,7 +5,7 @@
  * messages, pickling) lives in hypervocab/codec.py.  This file trusts its
  * caller: ids and codes arrive as contiguous int64 buffers, the disabled map is
  * a bytes object of length V, and V + C < 2**31.  The rules are the ones of
- * DESIGN.md section 2; hypervocab/reference_codec.py states them in Python.
+ * docs/design.md sections 2-3; hypervocab/reference_codec.py states them in Python.
  *
  * Outputs are int64 arrays owned by a tiny `Buffer` object that exposes the
  * buffer protocol, so NumPy wraps them without a copy (np.frombuffer).
@@ -399,7 +399,7 @@ static void dstate_set_pending(dstate_t *s, const int64_t *p, int64_t len) {
     s->hP = phrase_hash(s->P, len);
 }
 
-/* Whether code c may come next (DESIGN.md section 2: everything else is invalid). */
+/* Whether code c may come next (docs/design.md section 3: everything else is invalid). */
 static inline int dstate_valid(const dstate_t *s, int64_t c) {
     const int64_t V = s->cfg.V;
     if (c >= 0 && c < V + s->n) return 1;

@@ -13,6 +13,8 @@ from .errors import InputTypeError, InvalidCodeError, InvalidTokenError
 if TYPE_CHECKING:
     import torch
 
+    from .codec import LZWCodec
+
 __all__ = ["Codebook", "CodebookBatch", "Entry", "PreparedCodebooks", "next_candidates"]
 
 
@@ -55,7 +57,7 @@ class Codebook:
         return self.phrases.shape[0]
 
     def __contains__(self, id: object) -> bool:
-        return isinstance(id, (int, np.integer)) and 0 <= id < self.base_vocab_size + len(self)
+        return isinstance(id, (int, np.integer)) and bool(0 <= id < self.base_vocab_size + len(self))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.ids)
@@ -103,7 +105,7 @@ class Codebook:
             return NotImplemented
         return self.base_vocab_size == other.base_vocab_size and np.array_equal(self.phrases, other.phrases)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Codebook], tuple[np.ndarray, int, np.ndarray]]:
         return (Codebook, (self.phrases, self.base_vocab_size, self.lengths))
 
     def __repr__(self) -> str:
@@ -132,12 +134,13 @@ class CodebookBatch:
 
     __slots__ = ("phrases", "entry_row", "entry_slot", "counts", "n_after", "candidates", "lengths")
 
-    def __init__(self, phrases, entry_row, entry_slot, counts, n_after, candidates, lengths) -> None:
+    def __init__(self, phrases: np.ndarray, entry_row: np.ndarray, entry_slot: np.ndarray, counts: np.ndarray,
+                 n_after: np.ndarray, candidates: np.ndarray, lengths: np.ndarray) -> None:
         self.phrases, self.entry_row, self.entry_slot = phrases, entry_row, entry_slot
         self.counts, self.n_after, self.candidates, self.lengths = counts, n_after, candidates, lengths
 
     @classmethod
-    def from_codes(cls, codec, codes) -> CodebookBatch:
+    def from_codes(cls, codec: LZWCodec, codes: np.ndarray | torch.Tensor) -> CodebookBatch:
         """Decode ``codes`` ``[B, T]`` with ``codec`` (an :class:`~hypervocab.LZWCodec`) and collect the tables."""
         books, n_after, pending = codec.trace_batch(codes)
         codes = np.asarray(codes.detach().cpu().numpy() if hasattr(codes, "detach") else codes, dtype=np.int64)
@@ -151,7 +154,7 @@ class CodebookBatch:
                    else np.ones((0, T), np.int64))
         return cls(phrases, entry_row, entry_slot, counts, n_after, next_candidates(pending, n_after, C), lengths)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[CodebookBatch], tuple[np.ndarray, ...]]:
         return (CodebookBatch, tuple(getattr(self, k) for k in self.__slots__))
 
     def unique_candidates(self) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +259,8 @@ class PreparedCodebooks:
     @property
     def shape(self) -> tuple[int, int]:
         """``(B, T)``."""
-        return tuple(self.visible.shape)
+        B, T = self.visible.shape
+        return B, T
 
 
 def next_candidates(pending: np.ndarray, n_after: np.ndarray, max_codebook_size: int) -> np.ndarray:

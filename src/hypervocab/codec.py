@@ -1,6 +1,6 @@
 """LZW over token ids: turn a sequence of base ids into codes (base ids and hypertokens) and back.
 
-The rules are those of ``DESIGN.md`` section 2 and give exactly the codes of the
+The rules are those of ``docs/design.md`` sections 2-6 and give exactly the codes of the
 public ``zip2zip-compression`` 0.3.4 codec.  The loops run in the compiled core
 (``hypervocab._lzw``); this module checks arguments, batches, pads, pickles and
 explains errors.  ``hypervocab.reference_codec`` holds the same rules in plain Python.
@@ -15,9 +15,9 @@ explains errors.  ``hypervocab.reference_codec`` holds the same rules in plain P
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeGuard, cast
 
 import numpy as np
 
@@ -30,12 +30,17 @@ from .errors import (
     InvalidCodeError,
     InvalidTokenError,
     TokenTypeError,
+    check_int,
 )
+
+if TYPE_CHECKING:  # only for annotations: hypervocab.codec imports neither at run time
+    import torch
+    from typing_extensions import Buffer
 
 __all__ = ["LZWCodec", "DecoderState", "EncodedBatch", "Window", "Decoded"]
 
 # Anything that holds integers in one dimension: a list, a NumPy array, a torch tensor, ...
-IdSequence = Union[Sequence[int], np.ndarray, Any]
+IdSequence = Sequence[int] | np.ndarray | Any
 Errors = Literal["strict", "replace", "ignore"]
 
 _ERRORS = {"strict": _lzw.ERRORS_STRICT, "replace": _lzw.ERRORS_REPLACE, "ignore": _lzw.ERRORS_IGNORE}
@@ -47,12 +52,13 @@ _THREADING_MIN_IDS = 1 << 15
 
 
 def _check_int(name: str, value: object, *, minimum: int, maximum: int = _MAX_ID) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name} must be in [{minimum}, {maximum}], got {value}")
-    return value
+    """``value`` as an int in ``[minimum, maximum]`` (ids fit in 32 bits), else a :class:`ConfigError`."""
+    return check_int(name, value, minimum=minimum, maximum=maximum)
+
+
+def _is_torch(x: object) -> TypeGuard[torch.Tensor]:
+    """Whether ``x`` comes from torch (a tensor), told without importing torch."""
+    return type(x).__module__.partition(".")[0] == "torch"
 
 
 def _as_int64(x: object, name: str, error: type[InputTypeError], *, clip: bool = False) -> np.ndarray:
@@ -60,7 +66,7 @@ def _as_int64(x: object, name: str, error: type[InputTypeError], *, clip: bool =
 
     With ``clip``, integers beyond int64 become -1 (an invalid code) instead of an error.
     """
-    if type(x).__module__.partition(".")[0] == "torch":  # no torch import: hypervocab stays light
+    if _is_torch(x):  # no torch import: hypervocab stays light
         x = x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
         arr = x
@@ -68,10 +74,12 @@ def _as_int64(x: object, name: str, error: type[InputTypeError], *, clip: bool =
         if isinstance(x, (str, bytes, dict, set)) or not isinstance(x, Iterable) and not hasattr(x, "__array__"):
             raise error(f"{name} must be a 1-D sequence of integers (list, NumPy array or torch tensor), "
                         f"got {type(x).__name__}")
+        # iterable, or array-like (which np.asarray reads, and list() rejects with a TypeError caught below)
+        items = cast("Iterable[object]", x)
         try:
-            arr = np.asarray(x if hasattr(x, "__len__") or hasattr(x, "__array__") else list(x))
+            arr = np.asarray(x if hasattr(x, "__len__") or hasattr(x, "__array__") else list(items))
             if arr.dtype.kind not in "iub" and arr.ndim == 1 and arr.size or arr.dtype == np.uint64:
-                arr = np.asarray(list(x), dtype=object)  # a mixture, or ints beyond int64: check one by one
+                arr = np.asarray(list(items), dtype=object)  # a mixture, or ints beyond int64: check one by one
         except (ValueError, TypeError, OverflowError) as e:  # ragged nesting and the like
             raise error(f"{name} must be a 1-D sequence of integers: {e}") from None
         if arr.size == 0:
@@ -100,7 +108,7 @@ def _as_int64(x: object, name: str, error: type[InputTypeError], *, clip: bool =
 
 def _as_batch(batch: object, name: str, error: type[InputTypeError]) -> tuple[np.ndarray, np.ndarray]:
     """Lay a batch of 1-D sequences end to end: returns (flat int64 data, offsets [B + 1])."""
-    if type(batch).__module__.partition(".")[0] == "torch":
+    if _is_torch(batch):
         batch = batch.detach().cpu().numpy()
     if isinstance(batch, np.ndarray):
         if batch.ndim != 2:
@@ -121,8 +129,9 @@ def _as_batch(batch: object, name: str, error: type[InputTypeError]) -> tuple[np
     return flat, offsets
 
 
-def _frombuffer(buf: object) -> np.ndarray:
-    return np.frombuffer(buf, dtype=np.int64)
+def _frombuffer(buf: Buffer) -> np.ndarray:
+    # numpy's stubs accept any buffer only from Python 3.12 (before, a fixed list of types, not the core's buffers)
+    return np.frombuffer(buf, dtype=np.int64)  # type: ignore[call-overload]
 
 
 class Decoded(NamedTuple):
@@ -191,6 +200,14 @@ class LZWCodec:
 
     __slots__ = ("base_vocab_size", "max_codebook_size", "max_subtokens", "disabled_ids", "pad_id",
                  "replacement_id", "_disabled_map")
+    # set once in __init__ (through object.__setattr__: instances are immutable)
+    base_vocab_size: int
+    max_codebook_size: int
+    max_subtokens: int
+    disabled_ids: frozenset[int]
+    pad_id: int | None
+    replacement_id: int | None
+    _disabled_map: bytes
 
     def __init__(
         self,
@@ -231,7 +248,7 @@ class LZWCodec:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"LZWCodec is immutable; build a new one to change {name}")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., LZWCodec], tuple[int, int, int, list[int], int | None, int | None]]:
         return (_rebuild_codec, (self.base_vocab_size, self.max_codebook_size, self.max_subtokens,
                                  sorted(self.disabled_ids), self.pad_id, self.replacement_id))
 
@@ -330,7 +347,8 @@ class LZWCodec:
         nthreads = self._threads(num_threads)
         flat, offsets = _as_batch(batch, "batch", TokenTypeError)
         B = len(offsets) - 1
-        max_codes = max_length if truncation else 0
+        # _check_padding made sure max_length is given with truncation and padding="max_length"
+        max_codes = max_length if truncation and max_length is not None else 0
         if len(flat) < _THREADING_MIN_IDS:
             nthreads = 1
         codes, nout, consumed, err, cb, cb_off, cb_n = self._core_encode(flat, offsets, max_codes, nthreads,
@@ -343,7 +361,7 @@ class LZWCodec:
         if pad_mode is None:
             seqs = [codes[starts[b]: starts[b] + nout[b]] for b in range(B)]
             return EncodedBatch(seqs, None, lengths, consumed.copy(), books)
-        width = max_length if pad_mode == "max_length" else int(lengths.max(initial=0))
+        width = max_length if pad_mode == "max_length" and max_length is not None else int(lengths.max(initial=0))
         if pad_mode == "max_length" and B and lengths.max() > width:
             b = int(np.argmax(lengths > width))
             raise ConfigError(f"batch[{b}] has {int(lengths[b])} codes, more than max_length={width}; "
@@ -508,6 +526,62 @@ class LZWCodec:
         out = [ids[id_off[b]: id_off[b + 1]] for b in range(len(offsets) - 1)]
         return (out, self._codebooks(cb, cb_off, cb_n)) if return_codebooks else out
 
+    def encode_continuation(self, ids: IdSequence, state: DecoderState, *,
+                            known: Mapping[tuple[int, ...], int] | None = None,
+                            max_codes: int | None = None) -> list[int]:
+        """Codes for base tokens ``ids`` that continue a sequence whose decoder is ``state`` (left unchanged).
+
+        Greedy longest match over the entries the sequence has installed (and the one new id that may
+        legally come next), so a later turn reuses the hypertokens of the conversation so far.
+
+        Args:
+            known: the phrase -> id map of ``state``'s entries (the first id of a phrase), if the caller keeps
+                one up to date (prompt lookup does, once per step); read, never changed.
+            max_codes: stop after this many codes (the tail of ``ids`` is then left unencoded).
+        """
+        if not isinstance(state, DecoderState) or state.codec != self:
+            raise CodeTypeError(f"state must be a DecoderState of this codec, got {type(state).__name__}")
+        if max_codes is not None:
+            _check_int("max_codes", max_codes, minimum=0)
+        M = self.max_subtokens
+        disabled = set(self.disabled_ids)
+        dec = state.copy()
+        if known is None:
+            known = {}
+            for e in dec.codebook.entries():
+                known.setdefault(e.phrase, e.id)
+        added: dict[tuple[int, ...], int] = {}  # entries this continuation installs
+        flat = _as_int64(ids, "ids", TokenTypeError)
+        bad = np.flatnonzero((flat < 0) | (flat >= self.base_vocab_size))
+        if len(bad):
+            raise InvalidTokenError(f"ids[{int(bad[0])}] = {int(flat[bad[0]])} is outside the base vocabulary "
+                                    f"[0, {self.base_vocab_size})")
+        ids = flat.tolist()
+        out: list[int] = []
+        i, n = 0, len(ids)
+        limit = n if max_codes is None else max_codes
+        while i < n and len(out) < limit:
+            best = ids[i]
+            if best not in disabled:
+                legal = dec.next_phrase
+                for L in range(min(M, n - i), 1, -1):
+                    phrase = tuple(ids[i: i + L])
+                    if disabled and any(t in disabled for t in phrase):
+                        continue
+                    code = known.get(phrase, added.get(phrase))
+                    if code is None and phrase == legal:
+                        code = dec.next_id
+                    if code is not None:
+                        best = code
+                        break
+            got = dec.push(best)
+            for e in got.installed:
+                if e.phrase not in known:
+                    added.setdefault(e.phrase, e.id)
+            out.append(best)
+            i += len(got.ids)
+        return out
+
     def trace_batch(self, codes: np.ndarray | Any) -> tuple[list[Codebook], np.ndarray, np.ndarray]:
         """Decode a ``[B, T]`` batch of codes and report the state after every position.
 
@@ -523,7 +597,7 @@ class LZWCodec:
         Raises:
             InvalidCodeError: a code is not valid at its position.
         """
-        if type(codes).__module__.partition(".")[0] == "torch":
+        if _is_torch(codes):
             codes = codes.detach().cpu().numpy()
         arr = np.asarray(codes)
         if arr.ndim != 2:
@@ -542,9 +616,9 @@ class LZWCodec:
 
     @staticmethod
     def _unpad(batch: object, attention_mask: object) -> list[np.ndarray]:
-        if type(batch).__module__.partition(".")[0] == "torch":
+        if _is_torch(batch):
             batch = batch.detach().cpu().numpy()
-        if type(attention_mask).__module__.partition(".")[0] == "torch":
+        if _is_torch(attention_mask):
             attention_mask = attention_mask.detach().cpu().numpy()
         try:
             arr = np.asarray(batch)
@@ -644,6 +718,7 @@ class DecoderState:
         # the per-step hot path: the core takes the states and a short int list (or int64 array) as they are
         if type(codes) is np.ndarray and codes.ndim == 1 and len(codes) <= 64:
             codes = codes.tolist()  # cheaper than exporting a NumPy buffer
+        flat: list[int] | np.ndarray
         try:
             if type(codes) is not list:
                 raise TypeError
@@ -680,10 +755,20 @@ class DecoderState:
     @property
     def num_valid_codes(self) -> int:
         """Valid next codes are exactly ``[0, num_valid_codes)``: base ids, installed entries, maybe the next one."""
-        n, c = self._core.size(), self.codec
-        plen = len(self._core.pending())
-        legal_next = n < c.max_codebook_size and 0 < plen < c.max_subtokens
-        return c.base_vocab_size + n + int(legal_next)
+        return self.codec.base_vocab_size + self._core.size() + int(self.next_phrase is not None)
+
+    @property
+    def next_phrase(self) -> tuple[int, ...] | None:
+        """The phrase of the one new id that may come next (``next_id``), or None when none may.
+
+        The LZW "KwKwK" rule, written once here: when a phrase ``P`` is pending, the code after it may
+        be the entry about to be made, ``P + P[0]``, provided the table has room and ``P`` is shorter
+        than ``max_subtokens`` (the array form for training is :func:`hypervocab.codebook.next_candidates`).
+        """
+        p, c = self._core.pending(), self.codec
+        if 0 < len(p) < c.max_subtokens and self._core.size() < c.max_codebook_size:
+            return tuple(p) + (p[0],)
+        return None
 
     @property
     def next_id(self) -> int:

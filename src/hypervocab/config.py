@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .codec import LZWCodec
+from .errors import ConfigError, int_problem
+from .version import __version__
 
-__all__ = ["HyperConfig", "CONFIG_NAME", "bind_config"]
+__all__ = ["HyperConfig", "CONFIG_NAME", "bind_config", "default_disabled_ids"]
 
 CONFIG_NAME = "hypervocab_config.json"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 @dataclass
@@ -33,7 +30,7 @@ class HyperConfig:
             (unless ``protect_digits=False``) every digit token, taken from the tokenizer.
         protect_digits: see ``disabled_ids``.
         pad_id: the padding id (taken from the tokenizer when ``None``).
-    Hyper-encoders (DESIGN.md section 3):
+    Hyper-encoders (docs/design.md section 7):
         encoder: ``"transformer"`` (pre-LN, learned positions over ``M``, residual from the first
             subtoken, zero-initialised output) or ``"mean"`` (parameter-free mean of the subtokens).
         encoder_layers, encoder_heads, encoder_dim (latent width, ``None`` = model width / 4, at most 256),
@@ -90,15 +87,16 @@ class HyperConfig:
     position_mode: Literal["base", "compressed"] = "base"
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
-    hypervocab_version: str = field(default_factory=_version)
+    hypervocab_version: str = __version__
 
     def __post_init__(self) -> None:
         def check_int(name: str, lo: int, hi: int = 2**31 - 1, optional: bool = False) -> None:
             v = getattr(self, name)
-            if v is None and optional:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ConfigError(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+            problem = int_problem(name, v, minimum=lo, maximum=hi, optional=optional)
+            if problem:
+                raise ConfigError(problem)
+            if v is not None:
+                setattr(self, name, int(v))  # a NumPy integer becomes a Python int: the config is saved as JSON
 
         def check_choice(name: str, choices: tuple) -> None:
             if getattr(self, name) not in choices:
@@ -145,10 +143,8 @@ class HyperConfig:
             raise ConfigError("base_vocab_size is not set yet: build the model with HyperModel.from_base")
         return self.base_vocab_size + self.max_codebook_size
 
-    def codec(self):
+    def codec(self) -> LZWCodec:
         """The :class:`~hypervocab.LZWCodec` these settings describe."""
-        from .codec import LZWCodec
-
         if self.base_vocab_size is None or self.disabled_ids is None:
             raise ConfigError("the config is not bound to a tokenizer yet: use HyperModel.from_base or "
                               "HyperTokenizer.from_base")
@@ -173,7 +169,7 @@ class HyperConfig:
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.hypervocab_version = _version()
+        self.hypervocab_version = __version__
         (directory / CONFIG_NAME).write_text(self.to_json_string(), encoding="utf-8")
 
     @classmethod
@@ -190,8 +186,6 @@ class HyperConfig:
 
 def bind_config(config: HyperConfig, tokenizer: Any, base: Any = None) -> HyperConfig:
     """A copy of ``config`` with ``V``, the disabled ids, the pad id and the base model's name filled in."""
-    from .tokenizer import default_disabled_ids
-
     config = copy.deepcopy(config)
     V = len(tokenizer)
     if config.base_vocab_size is not None and config.base_vocab_size != V:
@@ -208,3 +202,43 @@ def bind_config(config: HyperConfig, tokenizer: Any, base: Any = None) -> HyperC
         config.base_model_revision = getattr(getattr(base, "config", None), "_commit_hash", None)
     config.__post_init__()
     return config
+
+
+def default_disabled_ids(tokenizer: Any, *, protect_digits: bool = True) -> list[int]:
+    """Ids that must never be merged: special and added tokens, the pad id, and (by default) digit tokens.
+
+    Merging digits is what destroyed arithmetic in the zip2zip paper, so by default every token whose
+    text contains a decimal digit is protected.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (``PreTrainedTokenizerBase``, or transformers' Mistral backend).
+        protect_digits: also protect every token whose text contains a decimal digit.
+
+    Returns:
+        Sorted ids in ``[0, len(tokenizer))``.
+    """
+    V = len(tokenizer)
+    ids = set(getattr(tokenizer, "all_special_ids", []))
+    ids.update(_added_ids(tokenizer))
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        ids.add(tokenizer.pad_token_id)
+    if protect_digits:
+        texts = tokenizer.batch_decode([[i] for i in range(V)])
+        ids.update(i for i, text in enumerate(texts) if any(ch.isdecimal() for ch in text))
+    return sorted(i for i in ids if 0 <= i < V)
+
+
+def _added_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokens added to a tokenizer's vocabulary.
+
+    ``added_tokens_decoder`` is a dict on most tokenizers; on transformers' ``MistralCommonBackend`` (Mistral's
+    v3 and Tekken tokenizers) it is a method that raises ``NotImplementedError``: their control tokens are in
+    ``all_special_ids``, read above.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if callable(added):
+        try:
+            added = added()
+        except NotImplementedError:
+            return set()
+    return {int(i) for i in added} if isinstance(added, Mapping) else set()

@@ -9,6 +9,7 @@ like the modules they wrap.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ class HyperEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # Hugging Face code reads embeddings.weight for dtype and device
-        return self.base.weight
+        return cast(torch.Tensor, self.base.weight)  # the wrapped embedding's weight (nn.Module types it loosely)
 
     @weight.setter
     def weight(self, value: torch.Tensor) -> None:  # weight tying assigns it
@@ -86,7 +87,7 @@ class HeadContext:
     def positions(self, start: int, stop: int) -> HeadContext:
         """The context of positions ``start .. stop - 1`` alone (what scoring a chunk of hidden states reads)."""
         cut = (lambda x: None if x is None else x[:, start:stop])
-        return HeadContext(self.table, cut(self.visible), cut(self.candidates), cut(self.candidate_ok))
+        return HeadContext(self.table, self.visible[:, start:stop], cut(self.candidates), cut(self.candidate_ok))
 
 
 class HyperHead(nn.Module):
@@ -101,7 +102,7 @@ class HyperHead(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base.weight
+        return cast(torch.Tensor, self.base.weight)  # the wrapped head's weight (nn.Module types it loosely)
 
     @weight.setter
     def weight(self, value: torch.Tensor) -> None:
@@ -145,6 +146,7 @@ class HyperHead(nn.Module):
         cols = torch.arange(W, device=hidden.device).view(1, 1, W)
         visible = cols < visible_n
         if ctx.candidates is not None:
+            assert ctx.candidate_ok is not None  # set together with candidates
             # the legal new id right after t sits at row visible[b, t]
             cand_logit = (hidden * ctx.candidates[:, -T:].to(hidden.dtype)).sum(-1)  # [B, T]
             at = (cols == visible_n) & ctx.candidate_ok[:, -T:].unsqueeze(-1)

@@ -51,19 +51,20 @@ checkpoint, ``model.safetensors`` next to an adapter, shards or ``.bin`` files i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 from .config import CONFIG_NAME, HyperConfig
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 
 if TYPE_CHECKING:
     import torch
+    from peft import PeftModel
     from torch import nn
+    from transformers import PreTrainedModel
 
-    from .model import HyperModel
-    from .tokenizer import HyperTokenizer
 
 __all__ = [
     "PUBLIC_CONFIG_NAME",
@@ -85,7 +86,7 @@ META_NAME = "meta.pt"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 _FORMAT_VERSIONS = (1, 2)
-_POSITION_MODES = {"compressed": "compressed", "base_token_end": "base"}
+_POSITION_MODES: dict[str, Literal["base", "compressed"]] = {"compressed": "compressed", "base_token_end": "base"}
 _TOP_FIELDS = {"format_version", "base_model_name_or_path", "position_mode", "encoder_type", "encoder", "compression"}
 _COMPRESSION_FIELDS = {"initial_vocab_size", "max_codebook_size", "max_subtokens", "disabled_ids"}
 _COMMON_ENCODER_FIELDS = {"hidden_size", "tie_encoders", "position_encoding", "num_hidden_layers",
@@ -134,7 +135,8 @@ class PublicCheckpoint:
         for name in PUBLIC_ENCODER_NAMES:
             if (self.directory / name).is_file():
                 return self.directory / name
-        raise ConfigError(f"{str(self.directory)!r} has a {PUBLIC_CONFIG_NAME} but no {' or '.join(PUBLIC_ENCODER_NAMES)}: "
+        raise ConfigError(f"{str(self.directory)!r} has a {PUBLIC_CONFIG_NAME} but no "
+                          f"{' or '.join(PUBLIC_ENCODER_NAMES)}: "
                           f"the hyper-encoders' weights are missing (hypervocab never replaces them by random ones)")
 
 
@@ -147,12 +149,16 @@ def is_public_checkpoint(directory: str | Path) -> bool:
 # ---------------------------------------------------------------------------------------------- reading the config
 
 
+@overload
+def _int_field(path: Path, name: str, value: Any, lo: int, *, optional: Literal[False] = False) -> int: ...
+
+
+@overload
+def _int_field(path: Path, name: str, value: Any, lo: int, *, optional: bool) -> int | None: ...
+
+
 def _int_field(path: Path, name: str, value: Any, lo: int, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{path}: field '{name}' must be an int >= {lo}, got {value!r}")
-    return value
+    return check_int(f"{path}: field '{name}'", value, minimum=lo, optional=optional)
 
 
 def _bool_field(path: Path, name: str, value: Any) -> bool:
@@ -281,6 +287,19 @@ def _apply_meta(ckpt: PublicCheckpoint) -> None:
 # ---------------------------------------------------------------------------------------------- conversion
 
 
+class _EncoderVariant(TypedDict):
+    """The :class:`~hypervocab.HyperConfig` fields that say which variant of our encoder a public one is."""
+
+    encoder_norm: Literal["pre", "post"]
+    encoder_bias: bool
+    encoder_projection: bool
+    encoder_positions: bool
+    encoder_final_norm: bool
+    encoder_pool: Literal["valid", "all", "last"]
+    encoder_causal: bool
+    encoder_residual: bool
+
+
 def public_hyper_config(ckpt: PublicCheckpoint, *, pad_id: int | None,
                         base_model_name_or_path: str | None = None) -> HyperConfig:
     """The :class:`~hypervocab.HyperConfig` that runs ``ckpt`` exactly (see the module's docstring)."""
@@ -288,14 +307,16 @@ def public_hyper_config(ckpt: PublicCheckpoint, *, pad_id: int | None,
     hidden = enc["hidden_size"]
     ffn = enc.get("intermediate_size") or 4 * hidden
     if ckpt.encoder_type == "transformer":
-        variant = dict(encoder_norm="post", encoder_bias=False, encoder_projection=False,
-                       encoder_positions=enc.get("position_encoding") == "learnable", encoder_final_norm=False,
-                       encoder_pool="all", encoder_causal=False, encoder_residual=False)
+        variant = _EncoderVariant(encoder_norm="post", encoder_bias=False, encoder_projection=False,
+                                  encoder_positions=enc.get("position_encoding") == "learnable",
+                                  encoder_final_norm=False, encoder_pool="all", encoder_causal=False,
+                                  encoder_residual=False)
     else:
         latent = enc.get("model_hidden_size") not in (None, hidden)
-        variant = dict(encoder_norm="pre", encoder_bias=False, encoder_projection=latent, encoder_positions=True,
-                       encoder_final_norm=True, encoder_pool="last" if enc["causal"] else "valid",
-                       encoder_causal=enc["causal"], encoder_residual=enc["residual"])
+        variant = _EncoderVariant(encoder_norm="pre", encoder_bias=False, encoder_projection=latent,
+                                  encoder_positions=True, encoder_final_norm=True,
+                                  encoder_pool="last" if enc["causal"] else "valid",
+                                  encoder_causal=enc["causal"], encoder_residual=enc["residual"])
     try:
         return HyperConfig(
             max_codebook_size=ckpt.max_codebook_size, max_subtokens=ckpt.max_subtokens,
@@ -396,9 +417,7 @@ def _pad_id(tokenizer: Any) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _load_base_tokenizer(ckpt: PublicCheckpoint) -> Any:
-    from .tokenizer import load_tokenizer
-
+def _load_base_tokenizer(ckpt: PublicCheckpoint, load_tokenizer: Callable[[str], Any]) -> Any:
     try:
         tokenizer = load_tokenizer(ckpt.base_model)
     except (OSError, ValueError) as e:
@@ -420,7 +439,8 @@ def _ignored_weights(path: Path, why: str) -> ConfigError:
                        f"which decoder was meant")
 
 
-def _load_decoder_changes(ckpt: PublicCheckpoint, base_model: nn.Module) -> tuple[nn.Module, bool]:
+def _load_decoder_changes(ckpt: PublicCheckpoint,
+                          base_model: PreTrainedModel | PeftModel) -> tuple[PreTrainedModel | PeftModel, bool]:
     """The base model with the checkpoint's adapter or full weights, and whether full weights replaced it.
 
     The public loader's order: a self-contained checkpoint is its own base model; otherwise a PEFT
@@ -465,7 +485,7 @@ def _load_decoder_changes(ckpt: PublicCheckpoint, base_model: nn.Module) -> tupl
     return base_model, True
 
 
-def _check_plain_modules(ckpt: PublicCheckpoint, model: nn.Module) -> None:
+def _check_plain_modules(ckpt: PublicCheckpoint, model: PreTrainedModel | PeftModel) -> None:
     """The public runtime swaps the embedding and head for plain ones over the same weight: refuse what that changes."""
     from torch import nn
 
@@ -492,12 +512,14 @@ def _check_plain_modules(ckpt: PublicCheckpoint, model: nn.Module) -> None:
                           f"but the base model's embedding has only {rows} rows")
 
 
-def load_public_model(cls: type[HyperModel], directory: str | Path, *, base_model: nn.Module | None = None,
-                      **base_kwargs: Any) -> HyperModel:
+def load_public_model(cls: type, directory: str | Path, *, load_tokenizer: Callable[[str], Any],
+                      base_model: PreTrainedModel | PeftModel | None = None, **base_kwargs: Any) -> Any:
     """Load a checkpoint of the public zip2zip format as a ``cls`` (a :class:`~hypervocab.HyperModel`).
 
     Args:
         directory: the checkpoint's folder.
+        load_tokenizer: loads the base model's tokenizer by name or folder
+            (:func:`hypervocab.tokenizer.load_tokenizer`).
         base_model: the base model, already loaded (otherwise from ``base_model_name_or_path``);
             the checkpoint's adapter or full weights are applied to it.
         base_kwargs: for ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``...).
@@ -509,7 +531,7 @@ def load_public_model(cls: type[HyperModel], directory: str | Path, *, base_mode
 
     ckpt = read_public_config(directory)
     encoder_file = ckpt.encoder_file()  # before loading a model: a missing file is the cheapest error
-    tokenizer = _load_base_tokenizer(ckpt)
+    tokenizer = _load_base_tokenizer(ckpt, load_tokenizer)
     if base_model is None:
         from transformers import AutoModelForCausalLM
 
@@ -529,8 +551,8 @@ def load_public_model(cls: type[HyperModel], directory: str | Path, *, base_mode
     return model
 
 
-def load_public_tokenizer(cls: type[HyperTokenizer], directory: str | Path) -> HyperTokenizer:
+def load_public_tokenizer(cls: type, directory: str | Path, *, load_tokenizer: Callable[[str], Any]) -> Any:
     """The :class:`~hypervocab.HyperTokenizer` of a public zip2zip checkpoint: its base tokenizer and codec settings."""
     ckpt = read_public_config(directory)
-    tokenizer = _load_base_tokenizer(ckpt)
+    tokenizer = _load_base_tokenizer(ckpt, load_tokenizer)
     return cls(tokenizer, public_hyper_config(ckpt, pad_id=_pad_id(tokenizer), base_model_name_or_path=ckpt.base_model))

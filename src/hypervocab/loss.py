@@ -20,14 +20,12 @@ Two losses come out of one scoring:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .codebook import PreparedCodebooks
-    from .embedding import HeadContext
-    from .model import HyperModel
+from .codebook import PreparedCodebooks
+from .embedding import HeadContext
 
 __all__ = ["ChunkScores", "first_tokens", "next_code_targets", "score_chunks"]
 
@@ -90,7 +88,7 @@ def _marginal(probs: torch.Tensor, V: int, rows_first: torch.Tensor, cand_first:
     return marg.scatter_add(-1, first, probs[..., V: V + W])
 
 
-def score_chunks(model: HyperModel, hidden: torch.Tensor, context: HeadContext, targets: torch.Tensor, *,
+def score_chunks(model: Any, hidden: torch.Tensor, context: HeadContext, targets: torch.Tensor, *,
                  teacher_hidden: torch.Tensor | None = None, first: tuple[torch.Tensor, torch.Tensor] | None = None,
                  chunk_cells: int | None = None) -> ChunkScores:
     """Score ``hidden`` against ``targets`` without materialising all the logits.
@@ -127,6 +125,7 @@ def score_chunks(model: HyperModel, hidden: torch.Tensor, context: HeadContext, 
             correct = ((logp.argmax(-1) == tgt) & (tgt >= V)).sum()
         if teacher_hidden is None:
             return ce, ce.new_zeros(()), correct
+        assert first is not None, "score_chunks: teacher_hidden needs first= (first_tokens of the batch)"
         marg = _marginal(logp.exp(), V, first[0], first[1][:, s:e], ctx.visible)
         with torch.no_grad():
             teacher = model.score(teacher_hidden[:, s:e], None).float().log_softmax(-1)

@@ -12,47 +12,41 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codebook import CodebookBatch, PreparedCodebooks, next_candidates
-from .codec import DecoderState
+from .codebook import CodebookBatch, PreparedCodebooks
 from .config import CONFIG_NAME, HyperConfig, bind_config
 from .embedding import HeadContext, HyperEmbedding, HyperHead
 from .errors import ConfigError, InputTypeError, InvalidCodeError
+from .generation import generate
 from .hyper_encoder import build_encoder, encoder_options
+from .interop import is_public_checkpoint, load_public_model
+from .loss import next_code_targets, score_chunks
 from .positions import position_ids as compute_position_ids
+from .session import HyperSession, attention_mask_of
+from .tokenizer import load_tokenizer
 
-__all__ = ["HyperModel", "HyperOutput", "HyperState", "WEIGHTS_NAME"]
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+__all__ = ["HyperModel", "HyperOutput", "WEIGHTS_NAME"]
 
 WEIGHTS_NAME = "hypervocab_encoders.safetensors"
 _LOSS_CHUNK = 1024  # positions per cross-entropy chunk
 
 
 @dataclass
-class HyperState:
-    """What a cached call carries over, per sequence: decoder states, hypertoken tables, counters.
-
-    in_table / out_table: ``[B, W, D]`` input and output vectors of ids ``V .. V + W - 1``.
-    base_len / code_len: ``[B]`` base tokens / codes read so far (padding excluded).
-    attention_mask: ``[B, S]`` every position seen so far.
-    """
-
-    decoders: list[DecoderState]
-    in_table: torch.Tensor
-    out_table: torch.Tensor
-    base_len: np.ndarray
-    code_len: np.ndarray
-    attention_mask: torch.Tensor
-
-
-@dataclass
 class HyperOutput:
-    """loss (scalar or ``None``), logits ``[B, T, V + C]``, the base model's cache and our :class:`HyperState`.
+    """loss (scalar or ``None``) and logits ``[B, T, V + C]`` of a full forward.
+
+    Reading and writing a code at a time (a KV cache and growing codebooks) is a
+    :class:`~hypervocab.session.HyperSession`'s job: :meth:`HyperModel.new_session`.
 
     With ``compute_logits=False``: no logits; ``hidden_states`` ``[B, T, D]`` (what the LM head reads) and
     ``head_context`` (the hypertoken rows each position scores), which :meth:`HyperModel.score` turns into
@@ -61,8 +55,6 @@ class HyperOutput:
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Any = None
-    hyper_state: HyperState | None = None
     hidden_states: torch.Tensor | None = None
     head_context: HeadContext | None = None
 
@@ -78,7 +70,9 @@ class HyperModel(nn.Module):
     hyper-encoders (and LoRA adapters, see :meth:`add_lora`) are trainable.
     """
 
-    def __init__(self, base: nn.Module, config: HyperConfig) -> None:
+    base: PreTrainedModel | PeftModel  # peft's wrapper after add_lora, or loaded with adapters
+
+    def __init__(self, base: PreTrainedModel | PeftModel, config: HyperConfig) -> None:
         super().__init__()
         if config.base_vocab_size is None or config.disabled_ids is None:
             raise ConfigError("the config is not bound to a tokenizer: build the model with HyperModel.from_base")
@@ -90,8 +84,8 @@ class HyperModel(nn.Module):
             raise ConfigError("this base model is already wrapped by a HyperModel")
         if head is None or not hasattr(head, "weight"):
             raise ConfigError(f"{type(base).__name__} has no LM head: hypervocab needs a causal LM")
-        rows = emb.weight.shape[0]
-        if V > rows:
+        rows = cast(torch.Tensor, emb.weight).shape[0]  # nn.Module types its attributes loosely
+        if rows < V:
             raise ConfigError(f"the tokenizer has {V} ids but the model's embedding has only {rows} rows: "
                               f"tokenizer and model do not match")
         for p in base.parameters():
@@ -99,7 +93,7 @@ class HyperModel(nn.Module):
         self.base = base
         base.set_input_embeddings(HyperEmbedding(emb, V))
         base.set_output_embeddings((HyperHead if config.score_next_id else _InstalledRowsHead)(head, V, C))
-        weight = emb.weight
+        weight = cast(torch.Tensor, emb.weight)
         kw = encoder_options(config)
         self.input_encoder = build_encoder(config.encoder, weight.shape[1], M, **kw).to(weight.device, weight.dtype)
         self.output_encoder = (self.input_encoder if config.tie_encoders else
@@ -109,13 +103,14 @@ class HyperModel(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_base(cls, base: nn.Module, tokenizer: Any, config: HyperConfig | None = None) -> HyperModel:
+    def from_base(cls, base: PreTrainedModel | PeftModel, tokenizer: Any,
+                  config: HyperConfig | None = None) -> HyperModel:
         """Wrap a loaded causal LM; ``V``, the disabled ids and the pad id come from ``tokenizer``."""
         return cls(base, bind_config(config or HyperConfig(), tokenizer, base))
 
     @property
     def embedding(self) -> HyperEmbedding:
-        return self.base.get_input_embeddings()
+        return cast(HyperEmbedding, self.base.get_input_embeddings())  # installed by __init__
 
     @property
     def head(self) -> HyperHead:
@@ -147,13 +142,13 @@ class HyperModel(nn.Module):
         ``hypervocab eval speed``).  Training needs the adapter unmerged.  Nothing to do without LoRA.
         """
         if self._has_lora() and not self.adapter_merged:
-            self.base.merge_adapter()
+            cast("PeftModel", self.base).merge_adapter()
         return self
 
     def unmerge_adapter(self) -> HyperModel:
         """Take the LoRA weights back out of the base weights (after :meth:`merge_adapter`)."""
-        if self.adapter_merged:
-            self.base.unmerge_adapter()
+        if self.adapter_merged:  # so peft wraps the base
+            cast("PeftModel", self.base).unmerge_adapter()
         return self
 
     @contextmanager
@@ -171,7 +166,7 @@ class HyperModel(nn.Module):
         self.unmerge_adapter()
         trainable = {id(p): p.requires_grad for p in self.base.parameters()}
         try:
-            with self.base.disable_adapter():
+            with cast("PeftModel", self.base).disable_adapter():
                 yield
         finally:
             # re-enabling an adapter makes its weights trainable again: keep what the caller had
@@ -197,7 +192,7 @@ class HyperModel(nn.Module):
 
     def encode_outputs(self, phrases: torch.Tensor) -> torch.Tensor:
         """Output (unembedding) vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> [N, D]."""
-        return self.output_encoder(F.embedding(self._slot_ids(phrases), self.head.base.weight), phrases >= 0)
+        return self.output_encoder(F.embedding(self._slot_ids(phrases), self.head.weight), phrases >= 0)
 
     def encode_entries(self, phrases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and output vectors of hypertokens: ``phrases`` [N, M] (padded with -1) -> two [N, D]."""
@@ -207,9 +202,9 @@ class HyperModel(nn.Module):
                 old: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and output tables ``[B, width, D]``: ``old`` rows kept, the entries of ``prep`` encoded."""
         device = prep.visible.device
-        D_in = self.embedding.base.weight.shape[1]
-        D_out = self.head.base.weight.shape[1]
-        dtype = self.embedding.base.weight.dtype
+        D_in = self.embedding.weight.shape[1]
+        D_out = self.head.weight.shape[1]
+        dtype = self.embedding.weight.dtype
         tin = torch.zeros(B, width, D_in, device=device, dtype=dtype)
         tout = torch.zeros(B, width, D_out, device=device, dtype=dtype)
         if old is not None and old[0].shape[1]:
@@ -234,51 +229,6 @@ class HyperModel(nn.Module):
         index = prep.candidate_index
         return vout[index.clamp(min=0)], index >= 0
 
-    def _step_trace(self, state: HyperState, codes: np.ndarray, mask: np.ndarray) -> CodebookBatch:
-        """Push new codes into the sequences' decoder states; the same facts as CodebookBatch.from_codes."""
-        B, T = codes.shape
-        V, C, M = self.codec.base_vocab_size, self.codec.max_codebook_size, self.codec.max_subtokens
-        n_after = np.zeros((B, T), np.int64)
-        pending = np.full((B, T, M), -1, np.int64)
-        lengths = np.ones((B, T), np.int64)
-        phrases, rows, slots = [], [], []
-        # all or nothing: a bad code in one row must leave every row's state as it was
-        if T == 1:  # the generation step: each code's validity is known up front
-            for b, dec in enumerate(state.decoders):
-                if mask[b, 0] and not dec.is_valid(int(codes[b, 0])):
-                    self._raise_invalid(dec.copy(), codes[b], b, 0)
-            snapshots = None
-        else:
-            snapshots = [dec.copy() for dec in state.decoders]
-        for b, dec in enumerate(state.decoders):
-            for t in range(T):
-                if mask[b, t]:
-                    try:
-                        step = dec.push(int(codes[b, t]))
-                    except InvalidCodeError:
-                        state.decoders[:] = snapshots
-                        self._raise_invalid(snapshots[b].copy(), codes[b], b, t, mask[b])
-                    lengths[b, t] = len(step.ids)
-                    for e in step.installed:
-                        phrases.append(list(e.phrase) + [-1] * (M - len(e.phrase)))
-                        rows.append(b)
-                        slots.append(e.id - V)
-                n_after[b, t] = len(dec)
-                p = dec.pending
-                pending[b, t, : len(p)] = p
-        counts = np.array([len(d) for d in state.decoders], np.int64)
-        return CodebookBatch(np.array(phrases, np.int64).reshape(-1, M), np.array(rows, np.int64),
-                             np.array(slots, np.int64), counts, n_after, next_candidates(pending, n_after, C), lengths)
-
-    @staticmethod
-    def _raise_invalid(state: DecoderState, row: np.ndarray, b: int, t: int, mask: np.ndarray | None = None) -> None:
-        """Raise the codec's explanation for ``row[t]``, read from ``state`` (a scratch copy) and named by position."""
-        kept = [int(c) for c, m in zip(row[:t], mask[:t] if mask is not None else [1] * t) if m]
-        try:
-            state.push(kept + [int(row[t])])
-        except InvalidCodeError as e:
-            raise InvalidCodeError(f"input_ids[{b}][{t}]: {str(e).split(': ', 1)[1]}") from None
-
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -288,26 +238,21 @@ class HyperModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         *,
-        codebooks: CodebookBatch | None = None,
-        past_key_values: Any = None,
-        hyper_state: HyperState | None = None,
-        use_cache: bool | None = None,
+        codebooks: CodebookBatch | PreparedCodebooks | None = None,
         compute_logits: bool = True,
         **kwargs: Any,
     ) -> HyperOutput:
-        """Run the model on compressed ids.
+        """Run the model on whole sequences of compressed ids (training, scoring).
 
         Args:
             input_ids: ``[B, T]`` codes (from :class:`~hypervocab.HyperTokenizer`), left padding allowed.
-            attention_mask: ``[B, T]`` (or ``[B, past + T]`` in a cached call); 0 marks padding.
+            attention_mask: ``[B, T]``; 0 marks padding.
             position_ids: ``[B, T]``; computed from ``config.position_mode`` when omitted.
             labels: ``[B, T]`` target codes (usually ``input_ids``), shifted inside; padding and ``-100``
                 are ignored.
             codebooks: the batch's :class:`~hypervocab.codebook.CodebookBatch`, if the data pipeline made it,
                 or its :class:`~hypervocab.codebook.PreparedCodebooks`: then nothing in the call waits for
                 the host (the training path on a GPU).
-            past_key_values / hyper_state: continue a cached call (pass both from the previous output).
-            use_cache: return the cache and a :class:`HyperState` to continue from.
             compute_logits: ``False`` skips the ``[B, T, V + C]`` logits: the output holds the hidden states
                 and head context instead, and the loss (with ``labels``) is computed a chunk of positions at
                 a time, never holding all the logits.
@@ -316,81 +261,48 @@ class HyperModel(nn.Module):
             :class:`HyperOutput`: ``logits`` ``[B, T, V + C]`` (rows not installed at a position are
             ``-inf``), ``loss`` when ``labels`` are given.
         """
-        cached = hyper_state is not None
-        prepared = isinstance(codebooks, PreparedCodebooks)
-        if prepared:
+        if isinstance(codebooks, PreparedCodebooks):
             # the codes were checked when these codebooks were traced from them: nothing to read back here
             B, T = self._check_shape(input_ids)
-            if codebooks.shape != (B, T) or cached:
-                raise InputTypeError(f"codebooks are prepared for {codebooks.shape} codes, input_ids are "
-                                     f"{(B, T)}" if not cached else
-                                     "prepared codebooks cannot continue a cached call (hyper_state)")
-            ids = None
+            if codebooks.shape != (B, T):
+                raise InputTypeError(f"codebooks are prepared for {codebooks.shape} codes, input_ids are {(B, T)}")
+            prep = codebooks.to(input_ids.device, non_blocking=True)
         else:
-            ids = self._check_ids(input_ids)
+            ids = self.check_codes(input_ids)
             B, T = ids.shape
+            cb = codebooks if codebooks is not None else CodebookBatch.from_codes(self.codec, ids)
+            prep = PreparedCodebooks.from_batch(cb, max_codebook_size=self.codec.max_codebook_size,
+                                                exact=self.config.codebook_mask == "exact",
+                                                score_next_id=self.config.score_next_id).to(input_ids.device)
         if labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (B, T)):
             raise InputTypeError(f"labels must be a tensor shaped like input_ids {(B, T)}, got "
                                  + (str(tuple(labels.shape)) if isinstance(labels, torch.Tensor)
                                     else type(labels).__name__))
-        device = input_ids.device
-        if past_key_values is not None and not cached:
-            raise InputTypeError("past_key_values needs the hyper_state of the same previous call")
-        mask = self._new_mask(attention_mask, hyper_state, B, T, device)
-        C = self.codec.max_codebook_size
-        exact = cached or self.config.codebook_mask == "exact"
-        if prepared:
-            prep = codebooks.to(device, non_blocking=True)
-        else:
-            mask_np = mask.cpu().numpy()
-            cb = (self._step_trace(hyper_state, ids, mask_np) if cached else
-                  codebooks if codebooks is not None else CodebookBatch.from_codes(self.codec, ids))
-            prep = PreparedCodebooks.from_batch(cb, max_codebook_size=C, exact=exact,
-                                                score_next_id=self.config.score_next_id).to(device)
-        old = (hyper_state.in_table, hyper_state.out_table) if cached else None
-        width = min(C, max(prep.width, 0 if old is None else old[0].shape[1]))
-        tin, tout = self._tables(prep, B, width, old)
-        cand, cand_ok = self._candidate_vectors(prep) if exact else (None, None)
+        mask = attention_mask_of(attention_mask, B, T, input_ids.device)
+        tin, tout = self._tables(prep, B, prep.width, None)
+        cand, cand_ok = self._candidate_vectors(prep) if self.config.codebook_mask == "exact" else (None, None)
         if position_ids is None:
-            offsets = {} if not cached else {
-                "base_offset": torch.as_tensor(hyper_state.base_len, device=device),
-                "code_offset": torch.as_tensor(hyper_state.code_len, device=device)}
-            position_ids = compute_position_ids(prep.lengths, mask, self.config.position_mode, **offsets)
-        full_mask = mask if not cached else torch.cat([hyper_state.attention_mask, mask], 1)
+            position_ids = compute_position_ids(prep.lengths, mask, self.config.position_mode)
         emb, head = self.embedding, self.head
         context = HeadContext(tout, prep.visible, cand, cand_ok)
         emb.table, head.context = tin, replace(context, capture=not compute_logits)
         try:
-            # no mask given and nothing cached: every position is real, and the base model need not look
-            # (its check of an all-ones mask would wait for the device)
-            base_mask = None if attention_mask is None and not cached else full_mask
-            out = self.base(input_ids=input_ids, attention_mask=base_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+            # always a mask: without one (and without a cache) transformers reads the gaps of "base" positions
+            # (a hypertoken advances them by its length) as the starts of packed sequences
+            out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                            **kwargs)
             hidden = head.context.hidden
         finally:
             emb.table, head.context = None, None
-        loss = logits = None
         if compute_logits:
-            logits = out.logits
-            if labels is not None:
-                loss = self._loss(logits, labels, mask)
-        elif labels is not None:
-            from .loss import next_code_targets, score_chunks
-
+            loss = self._loss(out.logits, labels, mask) if labels is not None else None
+            return HyperOutput(loss, out.logits)
+        loss = None
+        if labels is not None:
             targets = next_code_targets(labels, mask)
+            assert hidden is not None  # the head kept it (capture)
             loss = score_chunks(self, hidden, context, targets).cross_entropy / (targets != -100).sum().clamp(min=1)
-        state = None
-        if use_cache:
-            ids = ids if ids is not None else self._check_ids(input_ids)
-            mask_np = mask.cpu().numpy()
-            decoders = hyper_state.decoders if cached else self._decoders_from(ids)
-            lengths = prep.lengths.cpu().numpy() * mask_np
-            base_off = hyper_state.base_len if cached else 0
-            code_off = hyper_state.code_len if cached else 0
-            state = HyperState(decoders, tin.detach(), tout.detach(), base_off + lengths.sum(1),
-                               code_off + mask_np.sum(1), full_mask)
-        return HyperOutput(loss, logits, getattr(out, "past_key_values", None), state,
-                           None if compute_logits else hidden, None if compute_logits else context)
+        return HyperOutput(loss, None, hidden, context)
 
     def score(self, hidden: torch.Tensor, context: HeadContext | None) -> torch.Tensor:
         """Logits of hidden states, as the forward's would be.
@@ -424,9 +336,15 @@ class HyperModel(nn.Module):
             raise InputTypeError("input_ids must be a [batch, length] integer torch.Tensor, got "
                                  + (f"shape {tuple(input_ids.shape)} {input_ids.dtype}"
                                     if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__))
-        return tuple(input_ids.shape)
+        return int(input_ids.shape[0]), int(input_ids.shape[1])
 
-    def _check_ids(self, input_ids: Any) -> np.ndarray:
+    def check_codes(self, input_ids: Any) -> np.ndarray:
+        """``input_ids`` as a ``[B, T]`` int64 NumPy array, checked: a 2-D integer tensor of ids in ``[0, V + C)``.
+
+        Raises:
+            InputTypeError: not a ``[batch, length]`` integer tensor.
+            InvalidCodeError: an id outside the id space (the message names its position).
+        """
         self._check_shape(input_ids)
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
         bad = (ids < 0) | (ids >= self.codec.vocab_size)
@@ -436,26 +354,6 @@ class HyperModel(nn.Module):
                                    f"[0, {self.codec.vocab_size}) (base_vocab_size {self.codec.base_vocab_size} + "
                                    f"max_codebook_size {self.codec.max_codebook_size})")
         return ids
-
-    @staticmethod
-    def _new_mask(attention_mask: Any, state: HyperState | None, B: int, T: int, device: torch.device) -> torch.Tensor:
-        if attention_mask is None:
-            return torch.ones(B, T, dtype=torch.long, device=device)
-        past = 0 if state is None else state.attention_mask.shape[1]
-        if attention_mask.shape == (B, past + T):
-            return attention_mask[:, past:].long()
-        if attention_mask.shape == (B, T):
-            return attention_mask.long()
-        raise InputTypeError(f"attention_mask must be [B, T] = {(B, T)} or [B, past + T] = {(B, past + T)}, "
-                             f"got {tuple(attention_mask.shape)}")
-
-    def _decoders_from(self, ids: np.ndarray) -> list[DecoderState]:
-        decoders = []
-        for row in ids:
-            d = self.codec.decoder_state()
-            d.push(row)
-            decoders.append(d)
-        return decoders
 
     @staticmethod
     def _loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -506,14 +404,26 @@ class HyperModel(nn.Module):
             output_logits: also return the raw scores of every step (implies the dict).  With
                 ``max_new_tokens=0`` a call only reads ``input_ids``: stepping a text through the model one
                 code at a time this way is teacher forcing with the KV cache.
+            prompt_lookup_num_tokens: speculative decoding with up to this many draft codes per step
+                (batch size 1): the latest earlier match of the last base tokens proposes what follows,
+                encoded with the live codebook, and one forward checks it.  Greedy output is the same as
+                without it; sampled output has the same distribution.  See :mod:`hypervocab.speculative`.
+            max_matching_ngram_size: the longest run of last base tokens prompt lookup matches (default 3).
 
         Returns:
             ``[B, T + n]`` codes (the input, then the new codes padded on the right with the pad id), or a
             :class:`~hypervocab.generation.GenerationOutput`.
         """
-        from .generation import generate
-
         return generate(self, input_ids, attention_mask, **options)
+
+    def new_session(self, batch_size: int) -> HyperSession:
+        """A :class:`~hypervocab.session.HyperSession` of ``batch_size`` empty sequences, read and written by code.
+
+        >>> session = model.new_session(1)                                # doctest: +SKIP
+        >>> logits, _, _ = session.feed(codes, mask)   # read a prompt: [1, V + C] next-code logits
+        >>> expansions, logits = session.step([int(logits.argmax())])    # write one code, read it
+        """
+        return HyperSession.start(self, batch_size)
 
     # ------------------------------------------------------------------ save / load
 
@@ -535,7 +445,8 @@ class HyperModel(nn.Module):
         else:
             tensors = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in names}
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"hypervocab_version": self.config.hypervocab_version})
+        save_file(tensors, str(directory / WEIGHTS_NAME),
+                  metadata={"hypervocab_version": self.config.hypervocab_version})
         if hasattr(self.base, "peft_config"):
             if state_dict is None:
                 self.base.save_pretrained(str(directory))
@@ -544,7 +455,7 @@ class HyperModel(nn.Module):
                     k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, base_model: nn.Module | None = None,
+    def from_pretrained(cls, directory: str | Path, *, base_model: PreTrainedModel | PeftModel | None = None,
                         **base_kwargs: Any) -> HyperModel:
         """Load a checkpoint made by :meth:`save_pretrained`, or one of the public zip2zip format.
 
@@ -555,11 +466,10 @@ class HyperModel(nn.Module):
         """
         from safetensors.torch import load_file
 
-        from .interop import is_public_checkpoint, load_public_model
-
         directory = Path(directory)
         if is_public_checkpoint(directory):  # a checkpoint of the public zip2zip runtime: converted on the fly
-            return load_public_model(cls, directory, base_model=base_model, **base_kwargs)
+            return load_public_model(cls, directory, base_model=base_model, load_tokenizer=load_tokenizer,
+                                     **base_kwargs)
         config = HyperConfig.from_pretrained(directory)
         if base_model is None:
             from transformers import AutoModelForCausalLM

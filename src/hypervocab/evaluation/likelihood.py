@@ -15,14 +15,14 @@ with the LoRA adapter switched off when the model has one.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputTypeError
+from ..errors import ConfigError, InputTypeError, check_int
 
 __all__ = ["Continuation", "TextScore", "bits_per_byte_report", "continuation_logprob", "first_token_divergence",
            "format_bits_per_byte_markdown", "prefix_id", "score_texts", "sliding_windows", "window_pairs"]
@@ -86,8 +86,7 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
     positions after up to ``window - stride`` positions of context.
     """
     for name, v in (("window", window), ("stride", stride)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        check_int(name, v, minimum=1)
     if stride > window:
         raise ConfigError(f"stride must be at most window ({window}), got {stride}")
     out, start = [], 0
@@ -132,8 +131,6 @@ def continuation_logprob(model: Any, context: Sequence[int], target: Sequence[in
     target's codes are scored over the ``V + C`` ids visible at each position.  ``context`` must not be
     empty: start it with :func:`prefix_id` at the beginning of a text.
     """
-    from ..generation import encode_continuation
-
     context, target = [int(t) for t in context], [int(t) for t in target]
     if not context:
         raise InputTypeError("context must hold at least one token (start texts with prefix_id(tokenizer))")
@@ -149,7 +146,7 @@ def continuation_logprob(model: Any, context: Sequence[int], target: Sequence[in
     ctx_codes = [int(c) for c in codec.encode(context)]
     state = codec.decoder_state()
     state.push(ctx_codes)
-    tgt_codes = encode_continuation(codec, target, state)
+    tgt_codes = codec.encode_continuation(target, state)
     ids = torch.tensor([ctx_codes + tgt_codes], device=device)
     logits = model(ids).logits[0, len(ctx_codes) - 1:-1]
     return _score(logits, ids[0, len(ctx_codes):])
@@ -191,7 +188,7 @@ def score_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, window: int
     return totals
 
 
-def bits_per_byte_report(model: Any, tokenizer: Any, domains: dict[str, Sequence[str]], *, window: int = 1024,
+def bits_per_byte_report(model: Any, tokenizer: Any, domains: Mapping[str, Sequence[str]], *, window: int = 1024,
                          stride: int = 512, progress: bool = False) -> list[dict[str, Any]]:
     """One row per domain (and a total): bits per byte and byte perplexity, base vs hypervocab.
 
@@ -247,8 +244,7 @@ def first_token_divergence(model: Any, tokenizer: Any, texts: Sequence[str], *, 
 
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise InputTypeError("texts must be a list of str")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ConfigError(f"window must be an int >= 2, got {window!r}")
+    check_int("window", window, minimum=2)
     device = next(model.parameters()).device
     codec = model.codec
     total, positions, n_codes, n_tokens = 0.0, 0, 0, 0

@@ -1,6 +1,6 @@
 """Generation speed on three workloads: where hypervocab wins and where prompt lookup decoding wins.
 
-The same prompts, built from real files, go to three systems:
+The same prompts, built from real files, go to four systems:
 
 ``base``
     the base model as Hugging Face built it (LoRA adapter off, hypervocab's embedding and head wrappers
@@ -11,7 +11,11 @@ The same prompts, built from real files, go to three systems:
 ``prompt_lookup``
     the same plain base model with Hugging Face prompt lookup decoding
     (``prompt_lookup_num_tokens``): candidate continuations are copied from the context and verified
-    in one forward pass.
+    in one forward pass;
+``hypervocab_lookup``
+    hypervocab with its own speculative decoding (:mod:`hypervocab.speculative`): drafts of up to
+    ``prompt_lookup_num_tokens`` *codes*, checked in one forward pass; its output is hypervocab's greedy
+    output, and every accepted code stands for one or more base tokens, so the two gains multiply.
 
 and three workloads:
 
@@ -24,11 +28,12 @@ and three workloads:
     the first part of a file, to be continued: little to copy.
 
 Every system writes exactly ``max_new_base_tokens`` base tokens: end-of-sequence tokens are *ignored*
-(no system stops on them, none is kept from writing them), so the three do the same amount of work.
+(no system stops on them, none is kept from writing them), so the four do the same amount of work.
 Times come from a streamer that notes ``time.perf_counter()`` at each ``put``: both ``generate``
 implementations put the prompt first, then each new chunk of base tokens (one token for greedy
 Hugging Face, every accepted token of a verification step for prompt lookup, the base tokens of one
-code for hypervocab).  From those:
+code for hypervocab).  Its tokens per step count forward passes (a draft's accepted codes share one).
+From those:
 
 * time to first token (TTFT): the call's start to the first new chunk;
 * prefill throughput: prompt base tokens / TTFT (hypervocab reads fewer codes for the same tokens);
@@ -36,7 +41,7 @@ code for hypervocab).  From those:
 * total: the whole call, start to return.
 
 Each prompt runs ``repeats`` times per system, the systems taking turns (the order rotates every
-repeat), so that the machine's drift hits all three alike; rows report medians over every run of a
+repeat), so that the machine's drift hits all four alike; rows report medians over every run of a
 workload.
 """
 
@@ -53,7 +58,9 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, InputTypeError
+from ..errors import ConfigError, InputTypeError, check_int
+from ..plots import plot_decode_speed
+from ..textfiles import read_text_file
 
 if TYPE_CHECKING:
     import torch
@@ -61,11 +68,12 @@ if TYPE_CHECKING:
     from ..model import HyperModel
 
 __all__ = ["SYSTEMS", "WORKLOADS", "SpeedPrompt", "SpeedResult", "SpeedRow", "SpeedRun", "build_prompt",
-           "speed_report"]
+           "speed_report", "synchronize"]
 
 WORKLOADS: tuple[str, ...] = ("edit", "document", "free")
-SYSTEMS: tuple[str, ...] = ("base", "hypervocab", "prompt_lookup")
-LABELS = {"base": "base (HF greedy)", "hypervocab": "hypervocab (greedy)", "prompt_lookup": "HF prompt lookup"}
+SYSTEMS: tuple[str, ...] = ("base", "hypervocab", "prompt_lookup", "hypervocab_lookup")
+LABELS = {"base": "base (HF greedy)", "hypervocab": "hypervocab (greedy)", "prompt_lookup": "HF prompt lookup",
+          "hypervocab_lookup": "hypervocab + prompt lookup"}
 
 # the question of the "document" workload: quoting invites copying, as retrieval-augmented answers do
 DOCUMENT_QUESTION = "What are the main points of the document above? Quote its key sentences word for word."
@@ -103,9 +111,10 @@ class SpeedRun:
 
     new_tokens: base tokens written; first_tokens: how many came with the first chunk; steps: chunks
     (one per forward pass that wrote something: tokens for greedy, verification steps for prompt
-    lookup, codes for hypervocab); ttft_s / decode_s / total_s: see the module docstring;
-    prompt_codes, hypertokens: hypervocab only; matches_base: leading new tokens identical to the base
-    system's on the same prompt (first repeat only, else ``None``).
+    lookup, codes for hypervocab, codes less accepted draft codes for hypervocab with lookup); ttft_s /
+    decode_s / total_s: see the module docstring; prompt_codes, codes, hypertokens: hypervocab only;
+    matches_base: leading new tokens identical to the base system's on the same prompt (first repeat
+    only, else ``None``).
     """
 
     workload: str
@@ -122,6 +131,7 @@ class SpeedRun:
     prompt_codes: int | None = None
     hypertokens: int | None = None
     matches_base: int | None = None
+    codes: int | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -216,38 +226,22 @@ class SpeedResult:
                      _fmt(r.decode_tokens_per_s, ".1f"), _fmt(r.decode_speedup, ".2f", "x"), _fmt(r.total_s, ".3f"),
                      _fmt(r.total_speedup, ".2f", "x"), _fmt(r.tokens_per_step, ".2f"), _fmt(r.same_as_base, ".0%")]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "hypervocab with its prompt lookup against Hugging Face prompt lookup alone (same run):", "",
+                  "| workload | decode speed-up | end-to-end speed-up |", "| --- | ---: | ---: |"]
+        for w in dict.fromkeys(r.workload for r in self.rows):
+            try:
+                ours, theirs = self.row(w, "hypervocab_lookup"), self.row(w, "prompt_lookup")
+            except KeyError:
+                continue
+            decode = (ours.decode_tokens_per_s / theirs.decode_tokens_per_s
+                      if ours.decode_tokens_per_s and theirs.decode_tokens_per_s else None)
+            lines.append(f"| {w} | {_fmt(decode, '.2f', 'x')} | {_fmt(theirs.total_s / ours.total_s, '.2f', 'x')} |")
         return "\n".join(lines)
 
     def plot(self, path: str | PathLike[str]) -> Path:
         """Write a PNG bar chart of decode throughput per workload, one bar per system; returns its path."""
-        try:
-            # the Agg canvas directly, not pyplot: no GUI backend, and the caller's pyplot state is left alone
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise ImportError("plotting needs matplotlib: pip install 'hypervocab[train]'") from None
-        workloads = list(dict.fromkeys(r.workload for r in self.rows))
-        systems = [s for s in SYSTEMS if any(r.system == s for r in self.rows)]
-        fig = Figure(figsize=(1.2 + 2.2 * len(workloads), 4.2))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        width = 0.8 / max(len(systems), 1)
-        for i, system in enumerate(systems):
-            rows = [next((r for r in self.rows if r.workload == w and r.system == system), None) for w in workloads]
-            values = [(r.decode_tokens_per_s or 0.0) if r is not None else 0.0 for r in rows]
-            xs = [k + (i - (len(systems) - 1) / 2) * width for k in range(len(workloads))]
-            bars = ax.bar(xs, values, width, label=LABELS.get(system, system))
-            ax.bar_label(bars, labels=["" if r is None or r.decode_speedup is None else f"{r.decode_speedup:.2f}x"
-                                       for r in rows], fontsize=7)
-        ax.set_xticks(range(len(workloads)), workloads)
-        ax.set_ylabel("decode throughput (base tokens/s)")
-        ax.set_title(f"{self.settings.get('model', 'model')}: decode speed (labels: vs base)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        out = Path(path)
-        fig.savefig(out, dpi=110, format="png")
-        return out
+        return plot_decode_speed([r.to_dict() for r in self.rows], path, systems=SYSTEMS, labels=LABELS,
+                                 model=self.settings.get("model", "model"))
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -297,7 +291,7 @@ def build_prompt(workload: str, text: str, tokenizer: Any, *, max_prompt_tokens:
     block of ``edit`` prompts (``"python"``).
     """
     _check_name("workload", workload, WORKLOADS)
-    _check_size("max_prompt_tokens", max_prompt_tokens, 1)
+    check_int("max_prompt_tokens", max_prompt_tokens, minimum=1)
     ids = _render(workload, text, tokenizer, chat=chat, language=language)
     if len(ids) <= max_prompt_tokens:
         return ids, False
@@ -320,11 +314,6 @@ def build_prompt(workload: str, text: str, tokenizer: Any, *, max_prompt_tokens:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-
-
-def _check_size(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_name(name: str, value: Any, allowed: Sequence[str]) -> None:
@@ -359,11 +348,7 @@ def _file_lists(files: Any) -> dict[str, list[Path]]:
 
 
 def _read(workload: str, path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8") if b"\0" not in data[:8192] else None
-    except UnicodeDecodeError:
-        text = None
+    text = read_text_file(path)
     if text is None:
         raise ConfigError(f"files[{workload!r}] holds {str(path)!r}, which is not UTF-8 text: give text files")
     if not text.strip():
@@ -425,8 +410,13 @@ def _plain_base(model: HyperModel) -> Iterator[Any]:
             inner.set_output_embeddings(head)
 
 
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timestamp means the work is done."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA, MPS; nothing to wait for on the CPU).
+
+    GPU kernels run after the call that queued them returns: read the clock only after this, so that a
+    timestamp means the work is done.  (The streamers' timestamps need no call: what they are given was
+    already copied to the CPU, which waits.)
+    """
     import torch
 
     if device.type == "cuda":
@@ -447,17 +437,19 @@ def _run_once(model: HyperModel, system: str, ids: list[int], codes: list[int], 
     device = next(model.parameters()).device
     clock = _Clock()
     extra: dict[str, int] = {}
-    if system == "hypervocab":
+    if system in ("hypervocab", "hypervocab_lookup"):
         x = torch.tensor([codes], device=device)
         mask = torch.ones_like(x)
-        _synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         out = model.generate(x, mask, max_new_tokens=new_tokens, max_new_base_tokens=new_tokens, eos_token_id=[],
-                             streamer=clock, return_dict_in_generate=True)
-        _synchronize(device)
+                             streamer=clock, return_dict_in_generate=True,
+                             prompt_lookup_num_tokens=lookup if system == "hypervocab_lookup" else None)
+        synchronize(device)
         t1 = time.perf_counter()
         st = out.stats[0]
-        extra = {"prompt_codes": st.prompt_codes, "hypertokens": st.hypertokens}
+        extra = {"prompt_codes": st.prompt_codes, "hypertokens": st.hypertokens, "codes": st.codes,
+                 "steps": st.codes - st.accepted_codes}
         return clock, t0, t1, extra
     x = torch.tensor([ids], device=device)
     mask = torch.ones_like(x)
@@ -468,10 +460,10 @@ def _run_once(model: HyperModel, system: str, ids: list[int], codes: list[int], 
     if system == "prompt_lookup":
         options["prompt_lookup_num_tokens"] = lookup
     with _plain_base(model) as base, torch.no_grad():
-        _synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         base.generate(x, attention_mask=mask, **options)
-        _synchronize(device)
+        synchronize(device)
         t1 = time.perf_counter()
     return clock, t0, t1, extra
 
@@ -533,79 +525,31 @@ def speed_report(
         A :class:`SpeedResult`: one row per workload x system (medians), every run and every prompt.
     """
     from ..model import HyperModel
-    from ..tokenizer import HyperTokenizer
 
     if not isinstance(model, HyperModel):
         raise InputTypeError(f"model must be a HyperModel, got {type(model).__name__}")
-    _check_size("max_prompt_tokens", max_prompt_tokens, 1)
-    _check_size("max_new_base_tokens", max_new_base_tokens, 2)
-    _check_size("prompt_lookup_num_tokens", prompt_lookup_num_tokens, 1)
-    _check_size("repeats", repeats, 1)
+    check_int("max_prompt_tokens", max_prompt_tokens, minimum=1)
+    check_int("max_new_base_tokens", max_new_base_tokens, minimum=2)
+    check_int("prompt_lookup_num_tokens", prompt_lookup_num_tokens, minimum=1)
+    check_int("repeats", repeats, minimum=1)
     if chat_template not in (None, True, False):
         raise ConfigError(f"chat_template must be True, False or None (use it when the tokenizer has one), "
                           f"got {chat_template!r}")
     lists = _file_lists(files)
-    tok = tokenizer.tokenizer if isinstance(tokenizer, HyperTokenizer) else tokenizer
-    htok = HyperTokenizer(tok, model.config)  # the model's own codec, whatever settings a given one had
-    if len(tok) != model.config.base_vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tok)} ids but the model's base_vocab_size is "
-                          f"{model.config.base_vocab_size}: give the model's own tokenizer")
-    has_template = bool(getattr(tok, "chat_template", None))
-    if chat_template and not has_template:
-        raise ConfigError("chat_template=True but the tokenizer has no chat template: give False or None")
-    chat = has_template if chat_template is None else bool(chat_template)
+    tok, htok, chat = _speed_tokenizer(model, tokenizer, chat_template)
 
-    prompts: list[tuple[SpeedPrompt, list[int], list[int]]] = []
-    for workload, paths in lists.items():
-        for path in paths:
-            ids, cut = build_prompt(workload, _read(workload, path), tok, max_prompt_tokens=max_prompt_tokens,
-                                    chat=chat, language=_LANGUAGES.get(path.suffix, ""))
-            codes = [int(c) for c in htok.codec.encode(ids)]  # the same base tokens, compressed
-            prompts.append((SpeedPrompt(workload, str(path), len(ids), len(codes), cut, chat), ids, codes))
-
+    prompts = _build_prompts(lists, htok, max_prompt_tokens=max_prompt_tokens, chat=chat)
     pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id, 0) if isinstance(i, int)), 0)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=(len(SYSTEMS) if warmup else 0) + len(prompts) * repeats * len(SYSTEMS), unit="run",
-                   desc="speed")
+    bar = _progress_bar(progress, (len(SYSTEMS) if warmup else 0) + len(prompts) * repeats * len(SYSTEMS))
     if warmup:
         _, ids, codes = prompts[0]
-        for system in SYSTEMS:
-            if bar is not None:
-                bar.set_description(f"warm-up {system}")
-            _run_once(model, system, ids, codes, new_tokens=max_new_base_tokens,
-                      lookup=prompt_lookup_num_tokens, pad_id=pad_id)
-            if bar is not None:
-                bar.update(1)
+        _warm_up(model, ids, codes, new_tokens=max_new_base_tokens, lookup=prompt_lookup_num_tokens, pad_id=pad_id,
+                 bar=bar)
 
     runs: list[SpeedRun] = []
     for k, (prompt, ids, codes) in enumerate(prompts):
-        first: dict[str, SpeedRun] = {}
-        outputs: dict[str, list[int]] = {}
-        for r in range(repeats):
-            turn = (k + r) % len(SYSTEMS)  # the order rotates, so that no system always goes first
-            for system in SYSTEMS[turn:] + SYSTEMS[:turn]:
-                if bar is not None:
-                    bar.set_description(f"{prompt.workload} {system}")
-                clock, t0, t1, extra = _run_once(model, system, ids, codes, new_tokens=max_new_base_tokens,
-                                                 lookup=prompt_lookup_num_tokens, pad_id=pad_id)
-                if not clock.times:
-                    raise RuntimeError(f"{system} wrote no token on {prompt.source}: its generate() never called "
-                                       "the streamer")
-                run = SpeedRun(prompt.workload, system, prompt.source, r, prompt.tokens, new_tokens=len(clock.tokens),
-                               first_tokens=clock.sizes[0], steps=len(clock.sizes), ttft_s=clock.times[0] - t0,
-                               decode_s=clock.times[-1] - clock.times[0], total_s=t1 - t0,
-                               prompt_codes=extra.get("prompt_codes"), hypertokens=extra.get("hypertokens"))
-                runs.append(run)
-                if r == 0:
-                    first[system], outputs[system] = run, clock.tokens
-                if bar is not None:
-                    bar.update(1)
-        prompt.outputs = {system: outputs[system] for system in SYSTEMS}
-        for system, run in first.items():
-            run.matches_base = _common_prefix(outputs[system], outputs["base"])
+        runs += _timed_prompt(model, k, prompt, ids, codes, repeats=repeats, new_tokens=max_new_base_tokens,
+                              lookup=prompt_lookup_num_tokens, pad_id=pad_id, bar=bar)
     if bar is not None:
         bar.close()
     return SpeedResult(_rows(runs), runs, [p for p, _, _ in prompts], dict(
@@ -618,6 +562,89 @@ def speed_report(
         files={w: [str(p) for p in ps] for w, ps in lists.items()}))
 
 
+def _speed_tokenizer(model: HyperModel, tokenizer: Any, chat_template: bool | None) -> tuple[Any, Any, bool]:
+    """The base tokenizer, a :class:`~hypervocab.HyperTokenizer` with the model's codec over it, and whether
+    prompts are wrapped in the chat template."""
+    from ..tokenizer import HyperTokenizer
+
+    tok = tokenizer.tokenizer if isinstance(tokenizer, HyperTokenizer) else tokenizer
+    htok = HyperTokenizer(tok, model.config)  # the model's own codec, whatever settings a given one had
+    if len(tok) != model.config.base_vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tok)} ids but the model's base_vocab_size is "
+                          f"{model.config.base_vocab_size}: give the model's own tokenizer")
+    has_template = bool(getattr(tok, "chat_template", None))
+    if chat_template and not has_template:
+        raise ConfigError("chat_template=True but the tokenizer has no chat template: give False or None")
+    return tok, htok, has_template if chat_template is None else bool(chat_template)
+
+
+def _progress_bar(show: bool, total: int) -> Any:
+    """A tqdm bar over ``total`` runs, or None."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="run", desc="speed")
+
+
+def _warm_up(model: HyperModel, ids: list[int], codes: list[int], *, new_tokens: int, lookup: int, pad_id: int,
+             bar: Any) -> None:
+    """One untimed run of every system on the first prompt (lazy initialisation, caches)."""
+    for system in SYSTEMS:
+        if bar is not None:
+            bar.set_description(f"warm-up {system}")
+        _run_once(model, system, ids, codes, new_tokens=new_tokens, lookup=lookup, pad_id=pad_id)
+        if bar is not None:
+            bar.update(1)
+
+
+def _build_prompts(lists: dict[str, list[Path]], htok: Any, *, max_prompt_tokens: int,
+                   chat: bool) -> list[tuple[SpeedPrompt, list[int], list[int]]]:
+    """``(prompt, its base ids, its codes)`` for every file of every workload."""
+    tok = htok.tokenizer
+    prompts = []
+    for workload, paths in lists.items():
+        for path in paths:
+            ids, cut = build_prompt(workload, _read(workload, path), tok, max_prompt_tokens=max_prompt_tokens,
+                                    chat=chat, language=_LANGUAGES.get(path.suffix, ""))
+            codes = [int(c) for c in htok.codec.encode(ids)]  # the same base tokens, compressed
+            prompts.append((SpeedPrompt(workload, str(path), len(ids), len(codes), cut, chat), ids, codes))
+    return prompts
+
+
+def _timed_prompt(model: HyperModel, k: int, prompt: SpeedPrompt, ids: list[int], codes: list[int], *, repeats: int,
+                  new_tokens: int, lookup: int, pad_id: int, bar: Any) -> list[SpeedRun]:
+    """Every timed run of the ``k``-th prompt, the systems taking turns; fills ``prompt.outputs``."""
+    runs: list[SpeedRun] = []
+    first: dict[str, SpeedRun] = {}
+    outputs: dict[str, list[int]] = {}
+    for r in range(repeats):
+        turn = (k + r) % len(SYSTEMS)  # the order rotates, so that no system always goes first
+        for system in SYSTEMS[turn:] + SYSTEMS[:turn]:
+            if bar is not None:
+                bar.set_description(f"{prompt.workload} {system}")
+            clock, t0, t1, extra = _run_once(model, system, ids, codes, new_tokens=new_tokens, lookup=lookup,
+                                             pad_id=pad_id)
+            if not clock.times:
+                raise RuntimeError(f"{system} wrote no token on {prompt.source}: its generate() never called "
+                                   "the streamer")
+            run = SpeedRun(prompt.workload, system, prompt.source, r, prompt.tokens, new_tokens=len(clock.tokens),
+                           first_tokens=clock.sizes[0], steps=extra.get("steps", len(clock.sizes)),
+                           ttft_s=clock.times[0] - t0,
+                           decode_s=clock.times[-1] - clock.times[0], total_s=t1 - t0,
+                           prompt_codes=extra.get("prompt_codes"), hypertokens=extra.get("hypertokens"),
+                           codes=extra.get("codes"))
+            runs.append(run)
+            if r == 0:
+                first[system], outputs[system] = run, clock.tokens
+            if bar is not None:
+                bar.update(1)
+    prompt.outputs = {system: outputs[system] for system in SYSTEMS}
+    for system, run in first.items():
+        run.matches_base = _common_prefix(outputs[system], outputs["base"])
+    return runs
+
+
 def _rows(runs: list[SpeedRun]) -> list[SpeedRow]:
     """Medians per workload x system, in the order of :data:`WORKLOADS` and :data:`SYSTEMS`."""
     rows = []
@@ -627,7 +654,7 @@ def _rows(runs: list[SpeedRun]) -> list[SpeedRow]:
             if not rs:
                 continue
             firsts = [r for r in rs if r.matches_base is not None]
-            hyper = system == "hypervocab"
+            hyper = system.startswith("hypervocab")
             rows.append(SpeedRow(
                 workload, system, len(rs), prompt_tokens=_median([r.prompt_tokens for r in rs]),
                 new_tokens=_median([r.new_tokens for r in rs]),
@@ -639,8 +666,8 @@ def _rows(runs: list[SpeedRun]) -> list[SpeedRow]:
                 tokens_per_step=_median([r.new_tokens / r.steps for r in rs]),
                 same_as_base=_median([r.matches_base / r.new_tokens for r in firsts]) if firsts else None,
                 prompt_codes=_median([r.prompt_codes for r in rs]) if hyper else None,
-                codes=_median([r.steps for r in rs]) if hyper else None,
-                base_tokens_per_code=_median([r.new_tokens / r.steps for r in rs]) if hyper else None,
+                codes=_median([r.codes for r in rs]) if hyper else None,
+                base_tokens_per_code=_median([r.new_tokens / r.codes for r in rs if r.codes]) if hyper else None,
                 hypertokens=_median([r.hypertokens for r in rs]) if hyper else None))
     for row in rows:
         base = next((b for b in rows if b.workload == row.workload and b.system == "base"), None)

@@ -34,10 +34,15 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
+from .engine import Engine, Finished, Job, Piece, QueueFullError
 from .http import LOOPBACK_HOSTS, APIError, Guard, clip, encode_json, short
+from .metrics import CONTENT_TYPE, Metrics
+
+if TYPE_CHECKING:
+    from .schema import Prepared
 
 __all__ = ["LOOPBACK_HOSTS", "ServeLimits", "create_app"]
 
@@ -63,9 +68,7 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_tokens", "max_tokens", "max_queue", "max_body_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+            check_int(name, getattr(self, name), minimum=1)
         v = self.read_timeout
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"read_timeout must be a finite number of seconds > 0, got {v!r}")
@@ -89,63 +92,46 @@ def _csp(page: str) -> str:
             "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", limits: ServeLimits | None = None,
-               api_key: str | None = None, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS) -> Any:
-    """A FastAPI app serving ``model`` (a :class:`~hypervocab.HyperModel`) with its base ``tokenizer``.
-
-    Requests are queued and run one at a time by an :class:`~hypervocab.serving.engine.Engine`, each
-    with its own codebook and cache.  ``app.state.engine`` is the engine (``engine.close()`` stops it).
-
-    api_key: clients must send ``Authorization: Bearer <api_key>`` (all paths but ``/health`` and the
-    playground page ``/``); allowed_hosts: the names the ``Host`` header may give (``*.example.com``
-    patterns; ``"*"`` or ``None``: any), the loopback names by default, against DNS rebinding.
-    """
-    fastapi = _fastapi()
-    from fastapi import Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
-
-    from .engine import Engine, Finished, Job, Piece, QueueFullError
-    from .metrics import CONTENT_TYPE, Metrics
-    from .schema import Prepared, RequestParser
-
-    limits = limits or ServeLimits()
+def _check_api_key(api_key: str | None) -> None:
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or api_key != api_key.strip()
                                 or not api_key.isprintable() or not api_key.isascii()):
         raise ConfigError("api_key must be a non-empty string of printable ASCII without surrounding spaces")
-    hosts = None if allowed_hosts is None or "*" in allowed_hosts else [h.strip().lower() for h in allowed_hosts]
-    engine = Engine(model.eval(), tokenizer, max_queue=limits.max_queue)
-    metrics = Metrics(engine)
-    parser = RequestParser(tokenizer, model_name=model_name, vocab_size=model.codec.base_vocab_size, limits=limits)
-    # JSON parsing and tokenizing run here, off the event loop (the tokenizer releases the GIL)
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hypervocab-parse")
 
+
+def _playground_page(model_name: str, api_key: str | None) -> tuple[str, dict[str, str]]:
+    """The playground page for this server, and the headers it is served with."""
+    page = resources.files("hypervocab.serving").joinpath("playground.html").read_text(encoding="utf-8")
+    page = page.replace("{{MODEL}}", html.escape(model_name)).replace("{{API_KEY_FIELD}}",
+                                                                      _API_KEY_FIELD if api_key else "")
+    return page, {"Content-Security-Policy": _csp(page), "Cache-Control": "no-store"}
+
+
+def _lifespan(engine: Engine, pool: ThreadPoolExecutor) -> Any:
     @asynccontextmanager
     async def lifespan(_app: Any) -> Any:
         yield
         engine.close(timeout=10)  # cancels what is still running or queued; the worker exits
         pool.shutdown(wait=False, cancel_futures=True)
 
-    app = fastapi.FastAPI(title="hypervocab", version=model.config.hypervocab_version, lifespan=lifespan,
-                          docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
-    app.state.metrics = metrics
-    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout,
-                       allowed_hosts=hosts, api_key=api_key, open_paths=_OPEN_PATHS, count=metrics.count)
-    created = int(time.time())
-    page = resources.files("hypervocab.serving").joinpath("playground.html").read_text(encoding="utf-8")
-    page = page.replace("{{MODEL}}", html.escape(model_name)).replace("{{API_KEY_FIELD}}",
-                                                                      _API_KEY_FIELD if api_key else "")
-    page_headers = {"Content-Security-Policy": _csp(page), "Cache-Control": "no-store"}
+    return lifespan
 
-    def error_response(e: APIError) -> Response:
-        return Response(encode_json(e.body()), status_code=e.status, media_type="application/json",
-                        headers=e.headers)
+
+def _error_response(e: APIError) -> Any:
+    from fastapi.responses import Response
+
+    return Response(encode_json(e.body()), status_code=e.status, media_type="application/json", headers=e.headers)
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Answer every error with OpenAI's body: ours, routing's (404, 405), and what FastAPI could not read."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import Response
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, e: APIError) -> Response:
-        return error_response(e)
+        return _error_response(e)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException) -> Response:
@@ -158,15 +144,150 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
                   f"(allowed: {(e.headers or {}).get('Allow', '?')})"
         else:
             msg = f"{where}: {e.detail}"
-        return error_response(APIError(e.status_code, msg, headers=dict(e.headers or {})))
+        return _error_response(APIError(e.status_code, msg, headers=dict(e.headers or {})))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, e: RequestValidationError) -> Response:  # no endpoint declares a body
         err = e.errors()[0] if e.errors() else {}
         param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
-        return error_response(APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid')}", param=param))
+        return _error_response(APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid')}", param=param))
 
-    async def prepare(request: Request, parse: Any) -> Prepared:
+
+class _Completion:
+    """One completion request being answered: its job's events in, OpenAI's body (whole or streamed) out."""
+
+    def __init__(self, request: Any, job: Job, events: asyncio.Queue[Piece | Finished], prepared: "Prepared", *,
+                 chat: bool, model_name: str) -> None:
+        self.request, self.job, self.events, self.prepared = request, job, events, prepared
+        self.chat, self.model_name = chat, model_name
+        self.rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.obj = "chat.completion" if chat else "text_completion"
+        self._checked = time.monotonic()
+
+    async def next_event(self) -> Piece | Finished | None:
+        """The next event, or None once the client has gone (the job is then cancelled).
+
+        The connection is checked at least every 0.25 s, also while events keep coming."""
+        while True:
+            if time.monotonic() - self._checked >= 0.25:
+                self._checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.job.cancelled.set()
+                    return None
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                continue
+
+    @staticmethod
+    def usage(f: Finished) -> dict[str, Any]:
+        return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+                "total_tokens": f.prompt_tokens + f.completion_tokens, "prompt_codes": f.prompt_codes,
+                "completion_codes": f.completion_codes, "hypertokens": f.hypertokens}
+
+    @staticmethod
+    def failed(f: Finished) -> APIError:
+        return APIError(500, f"generation failed: {f.error}", type="server_error")
+
+    async def whole(self) -> Any:
+        """The answer in one body, once the job has finished."""
+        from fastapi.responses import JSONResponse
+
+        try:
+            text, pieces = [], []
+            while True:
+                ev = await self.next_event()
+                if ev is None:
+                    return JSONResponse({}, status_code=499)  # nobody is listening
+                if isinstance(ev, Piece):
+                    text.append(ev.text)
+                    pieces.append([ev.text, ev.hyper])
+                    continue
+                if ev.finish_reason == "error":
+                    raise self.failed(ev)
+                if ev.finish_reason == "cancelled":  # the server is shutting down
+                    raise APIError(503, "the request was cancelled: the server is shutting down",
+                                   type="server_error", code="shutting_down")
+                choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
+                if self.chat:
+                    choice["message"] = {"role": "assistant", "content": "".join(text)}
+                else:
+                    choice["text"] = "".join(text)
+                return {"id": self.rid, "object": self.obj, "created": int(time.time()), "model": self.model_name,
+                        "choices": [choice], "usage": self.usage(ev), "hypervocab": {"pieces": pieces}}
+        finally:
+            self.job.cancelled.set()  # a no-op once finished; stops the work if this task was cancelled (shutdown)
+
+    def streamed(self) -> Any:
+        """The answer as server-sent events, while the job runs."""
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(self._sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _chunk(self, choice: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+        body: dict[str, Any] = {"id": self.rid, "object": self.obj + (".chunk" if self.chat else ""),
+                                "created": int(time.time()), "model": self.model_name, "choices": [choice]}
+        if extra:
+            body.update(extra)
+        return f"data: {json.dumps(body)}\n\n"
+
+    @staticmethod
+    def _error_event(e: APIError) -> str:
+        return f"data: {encode_json(e.body()).decode()}\n\ndata: [DONE]\n\n"
+
+    async def _sse(self) -> Any:
+        chat = self.chat
+        try:
+            if chat:
+                yield self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            while True:
+                ev = await self.next_event()
+                if ev is None:
+                    return
+                if isinstance(ev, Piece):
+                    delta = {"content": ev.text} if chat else None
+                    choice = {"index": 0, "finish_reason": None, "logprobs": None,
+                              **({"delta": delta} if chat else {"text": ev.text})}
+                    yield self._chunk(choice, {"hypervocab": {"pieces": [[ev.text, ev.hyper]], "codes": ev.codes,
+                                                              "base_tokens": ev.base_tokens}})
+                    continue
+                if ev.finish_reason == "error":
+                    yield self._error_event(self.failed(ev))
+                    return
+                if ev.finish_reason == "cancelled":
+                    yield self._error_event(APIError(503, "the request was cancelled: the server is shutting down",
+                                                     type="server_error", code="shutting_down"))
+                    return
+                final = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None,
+                         **({"delta": {}} if chat else {"text": ""})}
+                yield self._chunk(final, {"hypervocab": {"pieces": [], "codes": ev.completion_codes,
+                                                         "base_tokens": ev.completion_tokens, "usage": self.usage(ev)}})
+                if self.prepared.include_usage:
+                    body = {"id": self.rid, "object": self.obj + (".chunk" if chat else ""),
+                            "created": int(time.time()), "model": self.model_name, "choices": [],
+                            "usage": self.usage(ev)}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+        except Exception as e:  # noqa: BLE001 - a bug; the stream still ends the way clients expect
+            yield self._error_event(APIError(500, f"internal error: {type(e).__name__}: {clip(str(e))}",
+                                             type="server_error"))
+        finally:
+            self.job.cancelled.set()  # a no-op once finished; stops the work when the client went away
+
+
+class _Handlers:
+    """What the endpoints do, with what they share: the engine, the request parser and its thread pool."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, parser: Any, pool: ThreadPoolExecutor, *, model_name: str,
+                 api_key: str | None) -> None:
+        self.engine, self.metrics, self.parser, self.pool = engine, metrics, parser, pool
+        self.model_name = model_name
+        self.created = int(time.time())
+        self.page, self.page_headers = _playground_page(model_name, api_key)
+
+    async def prepare(self, request: Any, parse: Any) -> "Prepared":
         ctype = request.headers.get("content-type")
         if ctype is not None:
             mime = ctype.split(";", 1)[0].strip().lower()
@@ -175,149 +296,86 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
                 raise APIError(415, f"Content-Type must be application/json, got {short(ctype)}",
                                code="unsupported_media_type")
         body = await request.body()  # already read (and limited) by the guard
-        return await asyncio.get_running_loop().run_in_executor(pool, parse, body)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, parse, body)
 
-    async def run(request: Request, prepared: Prepared, *, chat: bool) -> Any:
+    async def run(self, request: Any, prepared: "Prepared", *, chat: bool) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Piece | Finished] = asyncio.Queue()
         job = Job(emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), **prepared.job)
         try:
-            engine.submit(job)
+            self.engine.submit(job)
         except QueueFullError as e:
-            if engine.closing:
+            if self.engine.closing:
                 raise APIError(503, str(e), type="server_error", code="shutting_down",
                                headers={"Retry-After": "5"}) from None
             raise APIError(429, str(e), code="rate_limit_exceeded", type="rate_limit_error",
-                           headers={"Retry-After": str(engine.retry_after())}) from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        obj = "chat.completion" if chat else "text_completion"
+                           headers={"Retry-After": str(self.engine.retry_after())}) from None
+        completion = _Completion(request, job, events, prepared, chat=chat, model_name=self.model_name)
+        return completion.streamed() if prepared.stream else await completion.whole()
 
-        checked = [time.monotonic()]
 
-        async def next_event() -> Piece | Finished | None:
-            """The next event, or None once the client has gone (the job is then cancelled).
-
-            The connection is checked at least every 0.25 s, also while events keep coming."""
-            while True:
-                if time.monotonic() - checked[0] >= 0.25:
-                    checked[0] = time.monotonic()
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return None
-                try:
-                    return await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    continue
-
-        def usage(f: Finished) -> dict[str, Any]:
-            return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
-                    "total_tokens": f.prompt_tokens + f.completion_tokens, "prompt_codes": f.prompt_codes,
-                    "completion_codes": f.completion_codes, "hypertokens": f.hypertokens}
-
-        def failed(f: Finished) -> APIError:
-            return APIError(500, f"generation failed: {f.error}", type="server_error")
-
-        if not prepared.stream:
-            try:
-                text, pieces = [], []
-                while True:
-                    ev = await next_event()
-                    if ev is None:
-                        return JSONResponse({}, status_code=499)  # nobody is listening
-                    if isinstance(ev, Piece):
-                        text.append(ev.text)
-                        pieces.append([ev.text, ev.hyper])
-                        continue
-                    if ev.finish_reason == "error":
-                        raise failed(ev)
-                    if ev.finish_reason == "cancelled":  # the server is shutting down
-                        raise APIError(503, "the request was cancelled: the server is shutting down",
-                                       type="server_error", code="shutting_down")
-                    choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
-                    if chat:
-                        choice["message"] = {"role": "assistant", "content": "".join(text)}
-                    else:
-                        choice["text"] = "".join(text)
-                    return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
-                            "choices": [choice], "usage": usage(ev), "hypervocab": {"pieces": pieces}}
-            finally:
-                job.cancelled.set()  # a no-op once finished; stops the work if this task was cancelled (shutdown)
-
-        def chunk(choice: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
-            body: dict[str, Any] = {"id": rid, "object": obj + (".chunk" if chat else ""),
-                                    "created": int(time.time()), "model": model_name, "choices": [choice]}
-            if extra:
-                body.update(extra)
-            return f"data: {json.dumps(body)}\n\n"
-
-        def error_event(e: APIError) -> str:
-            return f"data: {encode_json(e.body()).decode()}\n\ndata: [DONE]\n\n"
-
-        async def sse() -> Any:
-            try:
-                if chat:
-                    yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-                while True:
-                    ev = await next_event()
-                    if ev is None:
-                        return
-                    if isinstance(ev, Piece):
-                        delta = {"content": ev.text} if chat else None
-                        choice = {"index": 0, "finish_reason": None, "logprobs": None,
-                                  **({"delta": delta} if chat else {"text": ev.text})}
-                        yield chunk(choice, {"hypervocab": {"pieces": [[ev.text, ev.hyper]], "codes": ev.codes,
-                                                            "base_tokens": ev.base_tokens}})
-                        continue
-                    if ev.finish_reason == "error":
-                        yield error_event(failed(ev))
-                        return
-                    if ev.finish_reason == "cancelled":
-                        yield error_event(APIError(503, "the request was cancelled: the server is shutting down",
-                                                   type="server_error", code="shutting_down"))
-                        return
-                    final = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None,
-                             **({"delta": {}} if chat else {"text": ""})}
-                    yield chunk(final, {"hypervocab": {"pieces": [], "codes": ev.completion_codes,
-                                                       "base_tokens": ev.completion_tokens, "usage": usage(ev)}})
-                    if prepared.include_usage:
-                        body = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": int(time.time()),
-                                "model": model_name, "choices": [], "usage": usage(ev)}
-                        yield f"data: {json.dumps(body)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-            except Exception as e:  # noqa: BLE001 - a bug; the stream still ends the way clients expect
-                yield error_event(APIError(500, f"internal error: {type(e).__name__}: {clip(str(e))}",
-                                           type="server_error"))
-            finally:
-                job.cancelled.set()  # a no-op once finished; stops the work when the client went away
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _add_routes(app: Any, h: _Handlers) -> None:
+    """The endpoints, as FastAPI reads them: their names, parameters and return annotations matter to it."""
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, Response
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await run(request, await prepare(request, parser.completion), chat=False)
+        return await h.run(request, await h.prepare(request, h.parser.completion), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        return await run(request, await prepare(request, parser.chat), chat=True)
+        return await h.run(request, await h.prepare(request, h.parser.chat), chat=True)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+        return {"object": "list", "data": [{"id": h.model_name, "object": "model", "created": h.created,
                                             "owned_by": "hypervocab"}]}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "waiting": engine.waiting, "served": engine.served,
-                "cancelled": engine.cancelled}
+        return {"status": "ok", "model": h.model_name, "waiting": h.engine.waiting, "served": h.engine.served,
+                "cancelled": h.engine.cancelled}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(h.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
-        return HTMLResponse(page, headers=page_headers)
+        return HTMLResponse(h.page, headers=h.page_headers)
 
+
+def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", limits: ServeLimits | None = None,
+               api_key: str | None = None, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
+               prompt_lookup: int = 0) -> Any:
+    """A FastAPI app serving ``model`` (a :class:`~hypervocab.HyperModel`) with its base ``tokenizer``.
+
+    Requests are queued and run one at a time by an :class:`~hypervocab.serving.engine.Engine`, each
+    with its own codebook and cache.  ``app.state.engine`` is the engine (``engine.close()`` stops it).
+
+    api_key: clients must send ``Authorization: Bearer <api_key>`` (all paths but ``/health`` and the
+    playground page ``/``); allowed_hosts: the names the ``Host`` header may give (``*.example.com``
+    patterns; ``"*"`` or ``None``: any), the loopback names by default, against DNS rebinding;
+    prompt_lookup: draft codes per step of speculative decoding for every request (0: off).
+    """
+    fastapi = _fastapi()
+    from .schema import RequestParser
+
+    limits = limits or ServeLimits()
+    _check_api_key(api_key)
+    hosts = None if allowed_hosts is None or "*" in allowed_hosts else [h.strip().lower() for h in allowed_hosts]
+    engine = Engine(model.eval(), tokenizer, max_queue=limits.max_queue, prompt_lookup=prompt_lookup)
+    metrics = Metrics(engine)
+    parser = RequestParser(tokenizer, model_name=model_name, vocab_size=model.codec.base_vocab_size, limits=limits)
+    # JSON parsing and tokenizing run here, off the event loop (the tokenizer releases the GIL)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hypervocab-parse")
+    app = fastapi.FastAPI(title="hypervocab", version=model.config.hypervocab_version,
+                          lifespan=_lifespan(engine, pool), docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout,
+                       allowed_hosts=hosts, api_key=api_key, open_paths=_OPEN_PATHS, count=metrics.count)
+    _add_error_handlers(app)
+    _add_routes(app, _Handlers(engine, metrics, parser, pool, model_name=model_name, api_key=api_key))
     return app

@@ -15,6 +15,7 @@ float32 (1e-40 gives ``inf``, so ``nan`` probabilities), and sampling that cold 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import HypervocabError
+from ..errors import HypervocabError, check_int
 
 __all__ = ["Engine", "Job", "QueueFullError", "Piece", "Finished", "MIN_TEMPERATURE"]
 
@@ -88,7 +89,7 @@ class _JobStreamer:
     """Streamer for :func:`~hypervocab.generation.generate`: text pieces, stop strings cut, cancellation."""
 
     def __init__(self, job: Job, tokenizer: Any) -> None:
-        from ..generation import IncrementalDetokenizer
+        from ..streaming import IncrementalDetokenizer
 
         self.job = job
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
@@ -151,12 +152,14 @@ class Engine:
     """Runs queued requests on one model in a worker thread.
 
     model: a :class:`~hypervocab.HyperModel` (eval mode); tokenizer: its base Hugging Face tokenizer;
-    max_queue: requests allowed to wait (beyond it :meth:`submit` raises :class:`QueueFullError`).
+    max_queue: requests allowed to wait (beyond it :meth:`submit` raises :class:`QueueFullError`);
+    prompt_lookup: draft codes per step for speculative decoding (0: off; see :mod:`hypervocab.speculative`).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_queue: int = 32) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, max_queue: int = 32, prompt_lookup: int = 0) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue = max_queue
+        self.prompt_lookup = check_int("prompt_lookup", prompt_lookup, minimum=0)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0
         self._lock = threading.Lock()
@@ -250,16 +253,16 @@ class Engine:
                 t["run_seconds"] += took
                 for k in ("prompt_tokens", "prompt_codes", "completion_tokens", "completion_codes", "hypertokens"):
                     t[k] += getattr(result, k)
-            try:
+            # the caller may be gone (e.g. its event loop closed): then there is nobody to tell
+            with contextlib.suppress(Exception):
                 job.emit(result)
-            except Exception:  # noqa: BLE001 - the caller is gone (e.g. its event loop closed): nothing to tell
-                pass
 
     def _run(self, job: Job) -> Finished:
         import torch
 
         codec = self.model.codec
-        codes = torch.as_tensor(codec.encode(job.prompt_ids), dtype=torch.long)[None]
+        device = next(self.model.parameters()).device
+        codes = torch.as_tensor(codec.encode(job.prompt_ids), dtype=torch.long, device=device)[None]
         streamer = _JobStreamer(job, self.tokenizer)
         sample = job.temperature >= MIN_TEMPERATURE
         hook = self._bias_hook(job.logit_bias) if job.logit_bias else None
@@ -269,7 +272,8 @@ class Engine:
                 do_sample=sample, temperature=job.temperature if sample else 1.0,
                 top_p=job.top_p if sample and job.top_p is not None and job.top_p < 1 else None,
                 seed=job.seed, stop_strings=job.stop or None, tokenizer=self.tokenizer if job.stop else None,
-                streamer=streamer, allow_hypertokens=not job.logit_bias, return_dict_in_generate=True)
+                streamer=streamer, allow_hypertokens=not job.logit_bias, return_dict_in_generate=True,
+                prompt_lookup_num_tokens=self.prompt_lookup or None)
         except _Cancelled:
             return Finished("cancelled", prompt_tokens=len(job.prompt_ids), prompt_codes=int(codes.shape[1]),
                             completion_tokens=streamer.base_tokens, completion_codes=streamer.codes,
@@ -289,8 +293,10 @@ class Engine:
         import torch
 
         V = self.model.codec.base_vocab_size
-        bias = torch.zeros(V)
-        bias[torch.as_tensor(list(logit_bias), dtype=torch.long)] = torch.as_tensor(list(logit_bias.values()))
+        device = next(self.model.parameters()).device
+        bias = torch.zeros(V, device=device)
+        bias[torch.as_tensor(list(logit_bias), dtype=torch.long, device=device)] = torch.as_tensor(
+            list(logit_bias.values()), device=device)
 
         def add(_module: Any, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
             if out.shape[-1] >= V:

@@ -31,7 +31,6 @@ class MicroBatch:
     input_ids / attention_mask / labels / position_ids: ``[B, T]``.
     codebooks: the :class:`~hypervocab.codebook.PreparedCodebooks` of ``input_ids``.
     base_tokens / codes: base tokens and codes the windows hold (plain ints, for the logs).
-    full: every window fills the batch's width (no padding), so the forward needs no mask.
     recon_phrases: ``[n, M]`` entries sampled for the reconstruction loss (-1 padded), or ``None``.
     base_ids / base_mask: ``[B, L]`` the windows' text as base ids (right-padded), for the teacher; base_codebooks
         their (empty) codebooks; code_end: ``[B, T]`` index into ``base_ids`` of each code's last base token.
@@ -44,7 +43,6 @@ class MicroBatch:
     codebooks: PreparedCodebooks
     base_tokens: int
     codes: int
-    full: bool = False
     recon_phrases: torch.Tensor | None = None
     base_ids: torch.Tensor | None = None
     base_mask: torch.Tensor | None = None
@@ -88,7 +86,7 @@ class BatchMaker:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         prep = PreparedCodebooks.from_codes(self.codec, ids, exact=self.exact, score_next_id=self.score_next_id)
         mb = MicroBatch(ids, mask, batch["labels"], position_ids(prep.lengths, mask, self.position_mode), prep,
-                        int(windows.base_tokens[idx].sum()), int(windows.n_codes[idx].sum()), bool(mask.all()))
+                        int(windows.base_tokens[idx].sum()), int(windows.n_codes[idx].sum()))
         if rng is not None and self.recon_entries and prep.phrases.shape[0]:
             # distinct entries: a phrase many windows share counts once
             unique = np.unique(prep.phrases.numpy(), axis=0)
@@ -123,7 +121,8 @@ class _TrainSet(torch.utils.data.Dataset):
     def __init__(self, windows: WindowSet, order: MixtureOrder, maker: BatchMaker, *, batch_size: int,
                  grad_accum: int, world: int, rank: int, seed: int, length: int) -> None:
         self.windows, self.order, self.maker = windows, order, maker
-        self.B, self.A, self.world, self.rank, self.seed, self.length = batch_size, grad_accum, world, rank, seed, length
+        self.B, self.A, self.world, self.rank = batch_size, grad_accum, world, rank
+        self.seed, self.length = seed, length
 
     def __len__(self) -> int:
         return self.length

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HyperConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, int_problem
+from ..loading import DTYPES
 
 __all__ = ["DataSource", "LoraSettings", "TrainConfig", "SOURCE_KINDS"]
 
@@ -31,7 +32,8 @@ class DataSource:
         rendered with the tokenizer's chat template; only assistant turns are in the loss),
         ``"hf_dataset"`` (rows of a saved dataset, ``text_field`` or ``messages_field``), or ``"auto"``
         (from the path: ``.jsonl`` -> jsonl, a folder with ``dataset_info.json`` -> hf_dataset, else text).
-    glob: which files of a folder (``"**/*.py"``); several patterns allowed.
+    glob: which files of a folder (``"**/*.py"``); several patterns allowed.  Patterns match at any depth,
+        and hidden files and folders are skipped (the rule of :mod:`hypervocab.textfiles`).
     weight: share of training windows drawn from this source, relative to the others.
     """
 
@@ -79,9 +81,9 @@ class LoraSettings:
     def problems(self) -> list[str]:
         out = []
         for name in ("r", "alpha"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                out.append(f"lora.{name} must be an int >= 1, got {v!r}")
+            problem = int_problem(f"lora.{name}", getattr(self, name), minimum=1)
+            if problem:
+                out.append(problem)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             out.append(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.target_modules is not None and (not isinstance(self.target_modules, list) or not all(
@@ -180,6 +182,13 @@ class TrainConfig:
                              else d for d in self.data]
             except TypeError as e:
                 raise ConfigError(f"data: {e}") from None
+        # NumPy integers become Python ints (the config is saved as JSON); problems() reports anything else
+        ints: list[tuple[Any, str]] = [(self, name) for name in _INTS]
+        if isinstance(self.lora, LoraSettings):
+            ints += [(self.lora, "r"), (self.lora, "alpha")]
+        for obj, name in ints:
+            if int_problem(name, getattr(obj, name)) is None:
+                setattr(obj, name, int(getattr(obj, name)))
         problems = self.problems()
         if problems:
             raise ConfigError("the training config has problems:\n  - " + "\n  - ".join(problems))
@@ -207,12 +216,13 @@ class TrainConfig:
         if self.lora is not None:
             out += self.lora.problems() if isinstance(self.lora, LoraSettings) else [
                 f"lora must be a mapping of LoRA settings or null, got {type(self.lora).__name__}"]
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            out.append(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            allowed = ", ".join(map(repr, DTYPES[:-1])) + f" or {DTYPES[-1]!r}"
+            out.append(f"dtype must be {allowed}, got {self.dtype!r}")
         for name, lo in _INTS.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                out.append(f"{name} must be an int >= {lo}, got {v!r}")
+            problem = int_problem(name, getattr(self, name), minimum=lo)
+            if problem:
+                out.append(problem)
         for name, (lo, inclusive) in _FLOATS.items():
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= lo if inclusive else v > lo)

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from ..codec import LZWCodec
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
+from ..textfiles import list_files, read_text_file
 from .config import DataSource
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["MixtureOrder", "WindowSet", "build_windows"]
 
 # Bump when the arrays or their meaning change: old caches then stop matching.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: files listed and read by hypervocab.textfiles
 IGNORE_INDEX = -100  # what PyTorch's cross-entropy skips
 _ARRAYS = ("codes", "labels", "n_codes", "base_tokens", "doc")
 _SPLITS = ("train", "eval")
@@ -149,33 +150,14 @@ def _source_name(index: int, source: DataSource) -> str:
     return f"data[{index}] ({source.path!r})"
 
 
-def _list_files(root: Path, patterns: Sequence[str]) -> list[Path]:
-    """``root`` itself when it is a file, else the files under it matching any pattern, sorted by relative path."""
-    if root.is_file():
-        return [root]
-    found = {p for pattern in patterns for p in root.glob(pattern) if p.is_file()}
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
 def _rel_name(root: Path, file: Path) -> str:
     # a single-file source is named by its file name: "." would say nothing in an error
     return file.name if root.is_file() else file.relative_to(root).as_posix()
 
 
-def _read_text_file(file: Path) -> str | None:
-    """The file's text, or ``None`` for what is not text (NUL bytes, not UTF-8)."""
-    data = file.read_bytes()
-    if b"\0" in data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 def _text_documents(root: Path, patterns: Sequence[str], on_skip: Callable[[], None]) -> Iterator[_Doc]:
-    for file in _list_files(root, patterns):
-        text = _read_text_file(file)
+    for file in list_files(root, patterns):
+        text = read_text_file(file)
         if not text:  # binary or empty: nothing to learn from
             on_skip()
             continue
@@ -200,7 +182,7 @@ def _short(value: object) -> str:
 def _jsonl_documents(root: Path, patterns: Sequence[str], field: str, chat: bool,
                      on_skip: Callable[[], None]) -> Iterator[_Doc]:
     option = "messages_field" if chat else "text_field"
-    for file in _list_files(root, patterns):
+    for file in list_files(root, patterns):
         name = _rel_name(root, file)
         with open(file, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -447,9 +429,9 @@ def _cache_keys(index: int, source: DataSource, kind: str, tokenizer: PreTrained
     """The cache folder name of each split of a source: a digest of everything that shapes its arrays."""
     root = Path(source.path)
     if kind == "hf_dataset":
-        files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+        files = list_files(root)
     else:
-        files = _list_files(root, source.glob)
+        files = list_files(root, source.glob)
     template = getattr(tokenizer, "chat_template", None)
     material = {
         "format": CACHE_FORMAT_VERSION,
@@ -527,8 +509,7 @@ def _check_args(sources: object, codec: object, window: object, eval_fraction: o
     if not isinstance(codec, LZWCodec):
         raise ConfigError(f"codec must be an LZWCodec, got {type(codec).__name__}")
     for name, value, low in (("window", window, 1), ("seed", seed, 0), ("num_workers", num_workers, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(name, value, minimum=low)
     if (isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float))
             or not 0 <= eval_fraction < 1):
         raise ConfigError(f"eval_fraction must be a number in [0, 1), got {eval_fraction!r}")
@@ -549,7 +530,7 @@ def _documents(index: int, source: DataSource, kind: str, tokenizer: PreTrainedT
             _check_chat_tokenizer(tokenizer, name)
         return _hf_documents(ds, field, chat, root, on_skip), len(ds)
     if kind == "text":
-        files = _list_files(root, source.glob)
+        files = list_files(root, source.glob)
         return _text_documents(root, source.glob, on_skip), len(files)
     chat = kind == "chat"
     if chat:
@@ -680,8 +661,7 @@ class MixtureOrder:
     _CACHED_PASSES = 4
 
     def __init__(self, train: WindowSet, weights: list[float], seed: int) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
+        seed = check_int("seed", seed, minimum=0)
         n_sources = int(train.source.max()) + 1 if len(train) else 0
         if not isinstance(weights, (list, tuple)) or len(weights) < n_sources:
             raise ConfigError(f"weights must list one weight per data source ({n_sources} at least), got "
@@ -741,10 +721,8 @@ class MixtureOrder:
 
     def indices(self, start: int, count: int) -> np.ndarray:
         """Window indices (into the train :class:`WindowSet`) of draws ``start .. start + count - 1``."""
-        for name, v in (("start", start), ("count", count)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ConfigError(f"{name} must be an int >= 0, got {v!r}")
-        start, count = int(start), int(count)
+        start = check_int("start", start, minimum=0)
+        count = check_int("count", count, minimum=0)
         if count == 0:
             return np.zeros(0, dtype=np.int64)
         first, last = start // self.BLOCK, (start + count - 1) // self.BLOCK

@@ -109,7 +109,7 @@ class Objective(nn.Module):
     def _losses(self, batch: MicroBatch, cfg: TrainConfig, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model = self.model
         V = model.codec.base_vocab_size
-        out = model(batch.input_ids, None if batch.full else batch.attention_mask, position_ids=batch.position_ids,
+        out = model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids,
                     codebooks=batch.codebooks, compute_logits=False)
         hidden, context = out.hidden_states, out.head_context
         targets = next_code_targets(batch.labels, batch.attention_mask)

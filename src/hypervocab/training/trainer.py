@@ -24,16 +24,17 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..loading import resolve_device, resolve_dtype
 from .batches import BatchMaker, eval_batches, micro_batches
 from .config import TrainConfig
 from .objective import NextHyperHead, Objective, ReconstructionHead
@@ -63,9 +64,7 @@ def _dist() -> tuple[int, int]:
 
 def _dtype(name: str) -> torch.dtype:
     """The dtype of the frozen base weights and of the compute; ``"auto"``: bfloat16 on a GPU that has it."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+    return resolve_dtype(name, resolve_device(None))
 
 
 def _available_memory() -> int:
@@ -205,8 +204,11 @@ def _load_checkpoint(path: Path, objective: Objective, opt: Any, sched: Any, *, 
     model, aux = objective.model, objective.aux
     state = torch.load(path / "training_state.pt", weights_only=False)
     if sharded:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         whole = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(objective, state["sharded"], options=whole)
@@ -249,8 +251,7 @@ def _full_trainable_state(objective: Objective, opt: Any) -> tuple[dict[str, tor
     A collective: every process calls it.  Frozen base weights are left out, so this stays small
     however large the base model is.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return (get_model_state_dict(objective, options=whole),
@@ -264,6 +265,63 @@ def _unprefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Run:
+    """What the loop works with, as :func:`_set_up` made it; ``step`` counts the optimiser steps done."""
+
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out_dir: Path
+    show: bool
+    started: float  # when train() started, for max_minutes
+    model: Any
+    htok: Any
+    objective: Objective
+    opt: Any
+    sched: Any
+    scaler: Any
+    trainable: list[torch.Tensor]
+    sharded: bool
+    eval_set: Any
+    maker: BatchMaker
+    pin: bool
+    batches: Iterator[Any]
+    step: int
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS
+
+    def evaluate(self, step: int) -> float | None:
+        return _log_eval(self.objective, self.config, self.eval_set, self.maker, step, self.metrics_path, self.rank,
+                         self.pin)
+
+    def save(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+        _save_checkpoint(self.out_dir, self.step, self.objective, self.opt, self.sched, sharded=self.sharded,
+                         rank=self.rank)
+
+
+class _Throughput:
+    """Base tokens per second over the steps since the last logged one."""
+
+    def __init__(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, base_tokens: int) -> None:
+        self.tokens += base_tokens
+
+    def rate(self) -> float:
+        """The rate until now, and a new window from now."""
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.start, self.tokens = now, 0
+        return rate
+
+
 def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     """Uptrain ``config.base_model`` into a hypervocab model saved in ``config.output_dir``.
 
@@ -274,7 +332,43 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
-    from .data import MixtureOrder, build_windows
+    run = _set_up(config, progress)
+    bar = None
+    if run.show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=run.step, desc="training", unit="step", dynamic_ncols=True)
+    last = None
+    deadline = None if config.max_minutes is None else run.started + 60 * config.max_minutes
+    throughput = _Throughput()
+    while run.step < config.max_steps:
+        totals, base_tokens, codes, grad_norm, lrs = _step(run)
+        run.step += 1
+        throughput.add(base_tokens)
+        out_of_time = _out_of_time(run, deadline)
+        finishing = run.step == config.max_steps or out_of_time
+        if bar is not None:
+            bar.update(1)
+        if run.step % config.log_every == 0 or finishing:
+            last = _log_step(run, totals, grad_norm, lrs, base_tokens, codes, throughput)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['base_tokens_per_s']:.0f}",
+                                codes_tok=f"{last['codes_per_token']:.2f}")
+        if out_of_time:
+            break
+        if config.eval_every and run.step % config.eval_every == 0 and run.step < config.max_steps:
+            run.evaluate(run.step)
+        if config.save_every and run.step % config.save_every == 0 and run.step < config.max_steps:
+            run.save()
+    if bar is not None:
+        bar.close()
+    return _finish(run, last)
+
+
+def _set_up(config: TrainConfig, progress: bool | None) -> _Run:
+    """Model, data, objective, optimiser and loader, in the order that makes every process (and a resumed
+    run) start from the same seeds; then the newest checkpoint when ``config.resume``."""
+    from .data import MixtureOrder
 
     started = time.perf_counter()
     rank, world = _dist()
@@ -291,6 +385,43 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         config.save(out_dir / "train_config.json")
+    train_set, eval_set = _windows(config, htok, model, out_dir, rank=rank, world=world, show=show)
+    order = MixtureOrder(train_set, [d.weight for d in config.data], config.seed)
+    torch.manual_seed(config.seed)  # the aux heads start the same in every process
+    dtype = _dtype(config.dtype)
+    objective = Objective(model, config, None if dtype == torch.float32 else dtype).to(device)
+    aux = objective.aux
+    sharded = world > 1 and config.distributed == "fsdp"
+    if sharded:
+        _shard(objective)  # before the optimiser: FSDP replaces the parameters with their shards
+    opt, trainable = _optimiser(config, model, aux, device, sharded=sharded)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
+    step = 0
+    done = _checkpoints(out_dir) if config.resume else []
+    if done:
+        step = _load_checkpoint(done[-1], objective, opt, sched, sharded=sharded)
+    if rank == 0:
+        _truncate_metrics(out_dir / METRICS, step)
+    objective.train()
+    hyper = model.config
+    maker = BatchMaker(model.codec, position_mode=hyper.position_mode, exact=hyper.codebook_mask == "exact",
+                       score_next_id=hyper.score_next_id,
+                       recon_entries=config.recon_entries if config.recon_weight else 0,
+                       teacher=config.distill_weight > 0)
+    pin = device.type == "cuda"
+    batches = iter(micro_batches(train_set, order, maker, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                                 world=world, rank=rank, seed=config.seed, start_step=step,
+                                 max_steps=config.max_steps, workers=config.loader_workers, pin=pin))
+    return _Run(config, rank, world, device, out_dir, show, started, model, htok, objective, opt, sched, scaler,
+                trainable, sharded, eval_set, maker, pin, batches, step)
+
+
+def _windows(config: TrainConfig, htok: Any, model: Any, out_dir: Path, *, rank: int, world: int,
+             show: bool) -> tuple[Any, Any]:
+    """The train and eval windows; rank 0 builds the cache, the other processes then read it."""
+    from .data import build_windows
+
     cache = Path(config.cache_dir) if config.cache_dir else out_dir / "data"
     if rank == 0:
         train_set, eval_set = build_windows(config.data, htok.tokenizer, model.codec, window=config.window,
@@ -305,14 +436,12 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     if len(train_set) == 0:
         raise ConfigError("the data gave no training windows (every document went to the eval split?): "
                           "lower eval_fraction or add data")
-    order = MixtureOrder(train_set, [d.weight for d in config.data], config.seed)
-    torch.manual_seed(config.seed)  # the aux heads start the same in every process
-    dtype = _dtype(config.dtype)
-    objective = Objective(model, config, None if dtype == torch.float32 else dtype).to(device)
-    aux = objective.aux
-    sharded = world > 1 and config.distributed == "fsdp"
-    if sharded:
-        _shard(objective)  # before the optimiser: FSDP replaces the parameters with their shards
+    return train_set, eval_set
+
+
+def _optimiser(config: TrainConfig, model: Any, aux: nn.Module, device: torch.device, *,
+               sharded: bool) -> tuple[torch.optim.AdamW, list[torch.Tensor]]:
+    """AdamW over the hyper-encoders and aux heads (``encoder_lr``) and the LoRA weights (``lr``); and those weights."""
     encoder_params = [p for n, p in model.named_parameters() if p.requires_grad and "_encoder." in n]
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "_encoder." not in n]
     groups = [{"params": encoder_params + list(aux.parameters()), "lr": config.encoder_lr}]
@@ -321,124 +450,103 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     # fused: one kernel for every parameter on a GPU; no other optimiser state than the plain AdamW one
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay,
                             **({"fused": True} if device.type == "cuda" and not sharded else {}))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
-    trainable = [p for g in groups for p in g["params"]]
-    step = 0
-    done = _checkpoints(out_dir) if config.resume else []
-    if done:
-        step = _load_checkpoint(done[-1], objective, opt, sched, sharded=sharded)
-    metrics_path = out_dir / METRICS
-    if rank == 0:
-        _truncate_metrics(metrics_path, step)
-    objective.train()
-    hyper = model.config
-    maker = BatchMaker(model.codec, position_mode=hyper.position_mode, exact=hyper.codebook_mask == "exact",
-                       score_next_id=hyper.score_next_id, recon_entries=config.recon_entries if config.recon_weight else 0,
-                       teacher=config.distill_weight > 0)
-    pin = device.type == "cuda"
-    batches = iter(micro_batches(train_set, order, maker, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                                 world=world, rank=rank, seed=config.seed, start_step=step,
-                                 max_steps=config.max_steps, workers=config.loader_workers, pin=pin))
-    evaluate = (lambda at: _log_eval(objective, config, eval_set, maker, at, metrics_path, rank, pin))
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
+    return opt, [p for g in groups for p in g["params"]]
 
-        bar = tqdm(total=config.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    last = None
-    deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
-    window_start, window_tokens = time.perf_counter(), 0
-    while step < config.max_steps:
-        totals: dict[str, torch.Tensor] = {}
-        base_tokens = codes = 0
-        for _ in range(config.grad_accum):
-            batch = next(batches).to(device)
-            loss, terms = objective(batch)
-            loss = loss / config.grad_accum
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            for k, v in terms.items():  # tensors on the device: nothing is read back inside a step
-                totals[k] = totals[k] + v if k in totals else v
-            base_tokens += batch.base_tokens
-            codes += batch.codes
-        if world > 1:
-            for p in ([] if sharded else trainable):  # FSDP has reduce-scattered its gradients already
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
-            names = sorted(totals)
-            packed = torch.stack([totals[k].double() for k in names]
-                                 + [torch.tensor(float(base_tokens), dtype=torch.float64, device=device),
-                                    torch.tensor(float(codes), dtype=torch.float64, device=device)])
-            torch.distributed.all_reduce(packed)
-            totals = dict(zip(names, packed[:-2]))
-            base_tokens, codes = int(packed[-2]), int(packed[-1])
-        if scaler is not None:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        lrs = [g["lr"] for g in opt.param_groups]
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        window_tokens += base_tokens
-        out_of_time = deadline is not None and time.perf_counter() >= deadline
-        if world > 1 and deadline is not None:  # every process stops at the same step
-            flag = torch.tensor([float(out_of_time)], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        finishing = step == config.max_steps or out_of_time
-        if bar is not None:
-            bar.update(1)
-        if step % config.log_every == 0 or finishing:
-            # the one read-back of a logged step: every number of the step at once
-            n = config.grad_accum * world
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            values = {k: float(v) for k, v in zip([*totals, "grad_norm"],
-                                                  torch.stack([v.double() for v in totals.values()]
-                                                              + [grad_norm.double()]).tolist())}
-            now = time.perf_counter()
-            record = {"step": step, "lm_loss": values["lm_loss"] / n, "lr": lrs[-1], "encoder_lr": lrs[0],
-                      "grad_norm": values["grad_norm"], "codes_per_token": codes / max(base_tokens, 1),
-                      "hyper_target_share": values["hyper_targets"] / max(values["targets"], 1),
-                      "hyper_accuracy": values["hyper_correct"] / max(values["hyper_targets"], 1),
-                      "base_tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
-            for k in ("distill_loss", "recon_loss", "next_hyper_loss"):
-                if k in values:
-                    record[k] = values[k] / n
-            window_start, window_tokens = now, 0
-            last = record
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['base_tokens_per_s']:.0f}",
-                                codes_tok=f"{record['codes_per_token']:.2f}")
-        if out_of_time:
-            break
-        if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
-            evaluate(step)
-        if config.save_every and step % config.save_every == 0 and step < config.max_steps:
-            if world > 1:
-                torch.distributed.barrier()
-            _save_checkpoint(out_dir, step, objective, opt, sched, sharded=sharded, rank=rank)
-    if bar is not None:
-        bar.close()
-    eval_loss = evaluate(step)
-    weights = _full_trainable_state(objective, opt)[0] if sharded else None
-    if rank == 0:
-        model.eval()
-        model.save_pretrained(out_dir, state_dict=None if weights is None else _unprefixed(weights, "model."))
-        htok.tokenizer.save_pretrained(str(out_dir))
-    if world > 1:
+
+def _step(run: _Run) -> tuple[dict[str, torch.Tensor], int, int, torch.Tensor, list[float]]:
+    """One optimiser step over ``grad_accum`` micro-batches (of every process).
+
+    Returns the summed loss terms (tensors on the device: nothing is read back inside a step), the base
+    tokens and codes read, the gradient norm before clipping, and the learning rates the step used.
+    """
+    config, opt, scaler = run.config, run.opt, run.scaler
+    totals: dict[str, torch.Tensor] = {}
+    base_tokens = codes = 0
+    for _ in range(config.grad_accum):
+        batch = next(run.batches).to(run.device)
+        loss, terms = run.objective(batch)
+        loss = loss / config.grad_accum
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for k, v in terms.items():  # tensors on the device: nothing is read back inside a step
+            totals[k] = totals[k] + v if k in totals else v
+        base_tokens += batch.base_tokens
+        codes += batch.codes
+    if run.world > 1:
+        totals, base_tokens, codes = _all_reduce(run, totals, base_tokens, codes)
+    if scaler is not None:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm)
+    lrs = [g["lr"] for g in opt.param_groups]
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    run.sched.step()
+    opt.zero_grad(set_to_none=True)
+    return totals, base_tokens, codes, grad_norm, lrs
+
+
+def _all_reduce(run: _Run, totals: dict[str, torch.Tensor], base_tokens: int,
+                codes: int) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Average the gradients over the processes, and sum what each one logs (one all-reduce for all of it)."""
+    for p in ([] if run.sharded else run.trainable):  # FSDP has reduce-scattered its gradients already
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= run.world
+    names = sorted(totals)
+    packed = torch.stack([totals[k].double() for k in names]
+                         + [torch.tensor(float(base_tokens), dtype=torch.float64, device=run.device),
+                            torch.tensor(float(codes), dtype=torch.float64, device=run.device)])
+    torch.distributed.all_reduce(packed)
+    return dict(zip(names, packed[:-2])), int(packed[-2]), int(packed[-1])
+
+
+def _out_of_time(run: _Run, deadline: float | None) -> bool:
+    out_of_time = deadline is not None and time.perf_counter() >= deadline
+    if run.world > 1 and deadline is not None:  # every process stops at the same step
+        flag = torch.tensor([float(out_of_time)], device=run.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        out_of_time = bool(flag.item())
+    return out_of_time
+
+
+def _log_step(run: _Run, totals: dict[str, torch.Tensor], grad_norm: torch.Tensor, lrs: list[float],
+              base_tokens: int, codes: int, throughput: _Throughput) -> dict[str, Any]:
+    """The metrics record of the step just done, appended to ``metrics.jsonl`` (by rank 0) and returned."""
+    # the one read-back of a logged step: every number of the step at once
+    n = run.config.grad_accum * run.world
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    values = {k: float(v) for k, v in zip([*totals, "grad_norm"],
+                                          torch.stack([v.double() for v in totals.values()]
+                                                      + [grad_norm.double()]).tolist())}
+    record = {"step": run.step, "lm_loss": values["lm_loss"] / n, "lr": lrs[-1], "encoder_lr": lrs[0],
+              "grad_norm": values["grad_norm"], "codes_per_token": codes / max(base_tokens, 1),
+              "hyper_target_share": values["hyper_targets"] / max(values["targets"], 1),
+              "hyper_accuracy": values["hyper_correct"] / max(values["hyper_targets"], 1),
+              "base_tokens_per_s": throughput.rate()}  # after the read-back: the step's work is done
+    for k in ("distill_loss", "recon_loss", "next_hyper_loss"):
+        if k in values:
+            record[k] = values[k] / n
+    if run.rank == 0:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+def _finish(run: _Run, last: dict[str, Any] | None) -> RunResult:
+    """Evaluate and save the model where the loop stopped."""
+    eval_loss = run.evaluate(run.step)
+    weights = _full_trainable_state(run.objective, run.opt)[0] if run.sharded else None
+    if run.rank == 0:
+        run.model.eval()
+        run.model.save_pretrained(run.out_dir, state_dict=None if weights is None else _unprefixed(weights, "model."))
+        run.htok.tokenizer.save_pretrained(str(run.out_dir))
+    if run.world > 1:
         torch.distributed.barrier()
-    return RunResult(output_dir=str(out_dir), steps=step, final_loss=None if last is None else last["lm_loss"],
-                     eval_loss=eval_loss)
+    return RunResult(output_dir=str(run.out_dir), steps=run.step,
+                     final_loss=None if last is None else last["lm_loss"], eval_loss=eval_loss)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,84 @@
+"""Choosing the next code of each sequence from a step's logits: penalties, budgets, greedy or sampled."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .session import HyperSession
+from .speculative import accept_draft
+
+__all__ = ["CodeSampler"]
+
+
+class CodeSampler:
+    """Turns a step's logits ``[B, V + C]`` into one code per row of a :class:`~hypervocab.session.HyperSession`.
+
+    do_sample / temperature / top_k / top_p / repetition_penalty: as in Hugging Face ``generate`` (the
+    penalty applies to codes the session has seen, when it tracks them); allow_hypertokens: ``False``
+    chooses base ids only; generator: for reproducible sampling.
+    """
+
+    def __init__(self, V: int, *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float = 1.0, allow_hypertokens: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        self.V, self.do_sample, self.temperature = V, do_sample, temperature
+        self.top_k, self.top_p, self.penalty = top_k, top_p, repetition_penalty
+        self.allow_hypertokens, self.generator = allow_hypertokens, generator
+
+    def __call__(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None = None) -> list[int]:
+        """One code per row; ``budget``: ``[B]`` base tokens each row may still write (longer codes are barred)."""
+        logits = self.scores(logits, session, budget)
+        if not self.do_sample:
+            return logits.argmax(-1).tolist()
+        return torch.multinomial(self.probabilities(logits), 1, generator=self.generator)[:, 0].tolist()
+
+    def choose_draft(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None,
+                     draft: int) -> int:
+        """The code of one row (``logits`` ``[1, V + C]``) where a draft proposes ``draft``.
+
+        Greedy: the argmax, as :meth:`__call__`.  Sampling: the speculative rule
+        (:func:`~hypervocab.speculative.accept_draft`), so the code has the distribution ordinary
+        sampling gives.
+        """
+        scores = self.scores(logits, session, budget)
+        if not self.do_sample:
+            return int(scores[0].argmax())
+        return accept_draft(self.probabilities(scores)[0], draft, self.generator)
+
+    def scores(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None) -> torch.Tensor:
+        """The logits after the penalty and the masks (float32): what greedy decoding takes the argmax of."""
+        V = self.V
+        logits = logits.float()
+        if self.penalty != 1.0 and session.seen is not None:
+            scaled = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+            logits = torch.where(session.seen, scaled, logits)
+        if not self.allow_hypertokens:
+            logits[:, V:] = float("-inf")
+        elif budget is not None:
+            # a hypertoken longer than what is left of the base-token budget may not be chosen
+            W = session.lengths.shape[1]
+            left = torch.as_tensor(budget, device=logits.device)
+            logits[:, V: V + W] = logits[:, V: V + W].masked_fill(session.lengths > left[:, None], float("-inf"))
+            at = torch.as_tensor(session.count, device=logits.device)
+            cand_len = torch.as_tensor([len(d.pending) + 1 for d in session.decoders], device=logits.device)
+            bad = session.cand_ok & (cand_len > left)
+            if bad.any():
+                r = bad.nonzero()[:, 0]
+                logits[r, V + at[r]] = float("-inf")
+        return logits
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, V + C]`` sampling distribution of masked logits (temperature, top-k, top-p)."""
+        logits = logits / self.temperature
+        if self.top_k:
+            k = min(self.top_k, logits.shape[-1])
+            kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
+            drop[:, 0] = False
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return logits.softmax(-1)

@@ -1,0 +1,553 @@
+"""The incremental runtime: a batch of sequences read and written a code at a time.
+
+A :class:`HyperSession` is everything a model needs to go on from where its sequences stand: each
+row's LZW decoder, the growing per-row hypertoken tables (input and output vectors), the output vector
+of the one new id that may legally come next, the KV cache and its mask, and the positions reached.
+Codes are pushed into the decoders the moment they are chosen, so an invalid code never gets further;
+the model reads them on the next :meth:`~HyperSession.advance`.  Each entry's output vector is computed
+once, when it is installed (every installed id is scored at every step), and its input vector the first
+time it is read (most entries never are).  An embedding never changes once installed, so the KV cache
+stays valid while the codebooks grow.
+
+:meth:`HyperModel.new_session <hypervocab.model.HyperModel.new_session>` makes one; generation
+(:mod:`hypervocab.generation`), scoring and serving all go through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codec import DecoderState
+from .embedding import HeadContext
+from .errors import InputTypeError, InvalidCodeError, check_int
+from .positions import position_ids
+
+__all__ = ["HyperSession", "attention_mask_of"]
+
+
+def attention_mask_of(attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """``[B, T]`` int64 mask (all 1 when ``None``), checked against the codes' shape."""
+    if attention_mask is None:
+        return torch.ones(B, T, dtype=torch.long, device=device)
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise InputTypeError(f"attention_mask must be [B, T] = {(B, T)} like the codes, got {got}")
+    return attention_mask.long()
+
+
+@dataclass
+class HyperSession:
+    """Per-sequence state of a batch being generated or scored (row ``i`` is sequence ``index[i]``).
+
+    Attributes:
+        model: the :class:`~hypervocab.HyperModel` it runs.
+        index: ``[B]`` which sequence of the original batch each row is.
+        decoders: one :class:`~hypervocab.codec.DecoderState` per row (its codebook holds every code so far).
+        books: per row, the phrase of each entry, in creation order.
+        in_table / out_table: ``[B, capacity, D]`` input / output vectors of ids ``V + k``.
+        lengths: ``[B, capacity]`` base tokens of each entry (0 where none).
+        count: ``[B]`` entries installed.
+        base_len / code_len: ``[B]`` base tokens / codes read by the model so far.
+        cand / cand_ok: ``[B, D]`` and ``[B]``: the output vector of the one new id that may legally come next.
+        mask: ``[B, S]`` what the KV cache holds (0 on padding).
+        cache: the base model's KV cache (``None`` before the first read).
+        unread: per row, codes chosen but not read by the model yet.
+        seen: ``[B, V + C]`` codes seen, for a repetition penalty, or ``None``.
+        in_ready: ``[B, capacity]`` whether an entry's input vector is computed.
+        cand_phrase: per row, the phrase ``cand`` scores (or ``None``).
+        tokens / history: per row, the base ids / the codes pushed so far (what prompt lookup drafts from).
+        ahead: ``(code, base tokens)`` of each position the KV cache holds past ``mask``: drafts read by
+            :meth:`read_ahead` and not yet accepted (:meth:`accept_ahead`) or dropped (:meth:`drop_ahead`).
+    """
+
+    model: Any
+    index: np.ndarray
+    decoders: list[DecoderState]
+    books: list[list[tuple[int, ...]]]
+    in_table: torch.Tensor
+    out_table: torch.Tensor
+    lengths: torch.Tensor
+    count: np.ndarray
+    base_len: np.ndarray
+    code_len: np.ndarray
+    cand: torch.Tensor
+    cand_ok: torch.Tensor
+    mask: torch.Tensor
+    cache: Any
+    unread: list[list[int]]
+    seen: torch.Tensor | None
+    in_ready: np.ndarray
+    cand_phrase: list[tuple[int, ...] | None]
+    tokens: list[list[int]]
+    history: list[list[int]]
+    ahead: list[tuple[int, int]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def start(cls, model: Any, batch_size: int) -> HyperSession:
+        """``batch_size`` empty sequences (nothing read yet)."""
+        B = check_int("batch_size", batch_size, minimum=1, error=InputTypeError)
+        w = model.embedding.base.weight
+        dev, dt = w.device, w.dtype
+        D_in, D_out = w.shape[1], model.head.base.weight.shape[1]
+        cap = min(model.codec.max_codebook_size, 64)
+        z = np.zeros(B, np.int64)
+        return cls(model, np.arange(B), [model.codec.decoder_state() for _ in range(B)], [[] for _ in range(B)],
+                   torch.zeros(B, cap, D_in, device=dev, dtype=dt), torch.zeros(B, cap, D_out, device=dev, dtype=dt),
+                   torch.zeros(B, cap, dtype=torch.long, device=dev), z, z.copy(), z.copy(),
+                   torch.zeros(B, D_out, device=dev, dtype=dt), torch.zeros(B, dtype=torch.bool, device=dev),
+                   torch.zeros(B, 0, dtype=torch.long, device=dev), None, [[] for _ in range(B)], None,
+                   np.zeros((B, cap), bool), [None] * B, [[] for _ in range(B)], [[] for _ in range(B)])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.index)
+
+    @property
+    def device(self) -> torch.device:
+        return self.in_table.device
+
+    @property
+    def _V(self) -> int:
+        return self.model.codec.base_vocab_size
+
+    def code_lengths(self, b: int, codes: list[int]) -> list[int]:
+        """Base tokens each of ``codes`` (all defined in row ``b``) stands for."""
+        V, book = self._V, self.books[b]
+        return [1 if c < V else len(book[c - V]) for c in codes]
+
+    # ------------------------------------------------------------------ pushing codes
+
+    def append(self, codes: list[int]) -> list[list[int]]:
+        """Push one chosen code per row (the decoding step): returns the base ids each stands for.
+
+        The codes are not read by the model yet: the next :meth:`advance` reads them.
+        """
+        installed = DecoderState.push_batch(self.decoders, codes)
+        V = self._V
+        new = []
+        for b, id_, phrase in installed:
+            self.books[b].append(phrase)
+            new.append((b, id_ - V, phrase))
+        expansions = [[c] if c < V else list(self.books[b][c - V]) for b, c in enumerate(codes)]
+        for row, exp, hist, c in zip(self.tokens, expansions, self.history, codes):
+            row.extend(exp)
+            hist.append(c)
+        self._install(new)
+        for row, c in zip(self.unread, codes):
+            row.append(c)
+        if self.seen is not None:
+            self.seen[torch.arange(len(codes)), torch.as_tensor(codes)] = True
+        return expansions
+
+    def push(self, codes: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+        """Push ``[B, T]`` codes where ``mask`` is 1, all or nothing; returns each code's length in base tokens.
+
+        Raises:
+            InvalidCodeError: naming ``input_ids[b][t]``; every row's decoder is left as it was.
+        """
+        V = self._V
+        snapshots = [d.copy() for d in self.decoders]
+        new: list[tuple[int, int, tuple[int, ...]]] = []
+        pushed: list[int] = []
+        for b, dec in enumerate(self.decoders):
+            row = codes[b][mask[b].astype(bool)]
+            try:
+                got = dec.push(row)
+            except InvalidCodeError as e:
+                self.decoders[:] = snapshots
+                for i in range(b):  # the rows already pushed give back what they took
+                    del self.books[i][len(snapshots[i]):]
+                    del self.tokens[i][len(self.tokens[i]) - pushed[i]:]
+                    del self.history[i][len(self.history[i]) - int(mask[i].sum()):]
+                where = int(np.flatnonzero(mask[b])[e.position])
+                raise InvalidCodeError(f"input_ids[{b}][{where}]: {e.reason}") from None
+            pushed.append(len(got.ids))
+            self.tokens[b].extend(got.ids.tolist())
+            self.history[b].extend(row.tolist())
+            for entry in got.installed:
+                self.books[b].append(entry.phrase)
+                new.append((b, entry.id - V, entry.phrase))
+        lengths = [self.code_lengths(b, codes[b].tolist()) for b in range(len(self.decoders))]
+        self._install(new)
+        return lengths
+
+    def _reserve(self, width: int) -> None:
+        """Grow the tables to hold ``width`` entries (capacity doubles, so a step rarely copies)."""
+        cap = self.in_table.shape[1]
+        if width <= cap:
+            return
+        new = min(self.model.codec.max_codebook_size, max(width, 2 * cap))
+        B = self.batch_size
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((B, new) + tuple(t.shape[2:]))
+            out[:, :cap] = t
+            return out
+
+        self.in_table, self.out_table, self.lengths = grow(self.in_table), grow(self.out_table), grow(self.lengths)
+        ready = np.zeros((B, new), bool)
+        ready[:, :cap] = self.in_ready
+        self.in_ready = ready
+
+    def _install(self, new: list[tuple[int, int, tuple[int, ...]]]) -> None:
+        """Output vectors of the entries just installed and of every row's legal next id: one encoder call.
+
+        Every installed row is scored at every step, so its output vector is computed now; an entry
+        that was last step's legal next id already has it.  Input vectors wait until an entry is
+        first read (:meth:`_read_vectors`): most entries are never read.
+        """
+        M, C = self.model.codec.max_subtokens, self.model.codec.max_codebook_size
+        counts = [len(d) for d in self.decoders]
+        self.count = np.array(counts, np.int64)
+        cands = [(b, p) for b, dec in enumerate(self.decoders) if (p := dec.next_phrase) is not None]
+        # room for every entry plus the slot of the legal next id, which the head scores
+        self._reserve(min(C, max(counts) + 1))
+        dev, dtype = self.device, self.out_table.dtype
+        reused = [(b, k) for b, k, p in new if p == self.cand_phrase[b]]
+        fresh = [(b, k, p) for b, k, p in new if p != self.cand_phrase[b]]
+        if reused:  # copy before the candidates are overwritten below
+            rb = torch.as_tensor([b for b, _ in reused], device=dev)
+            self.out_table[rb, torch.as_tensor([k for _, k in reused], device=dev)] = self.cand[rb]
+        out_phrases = [p for _, _, p in fresh] + [p for _, p in cands]
+        uniq: dict[tuple[int, ...], int] = {}
+        slot = [uniq.setdefault(p, len(uniq)) for p in out_phrases]
+        if uniq:
+            with torch.no_grad():
+                vout = self.model.encode_outputs(_pad(list(uniq), M, dev)).to(dtype)[torch.as_tensor(slot, device=dev)]
+        if fresh:
+            self.out_table[torch.as_tensor([b for b, _, _ in fresh], device=dev),
+                           torch.as_tensor([k for _, k, _ in fresh], device=dev)] = vout[: len(fresh)]
+        if new:
+            self.lengths[torch.as_tensor([b for b, _, _ in new], device=dev),
+                         torch.as_tensor([k for _, k, _ in new], device=dev)] = torch.as_tensor(
+                             [len(p) for _, _, p in new], device=dev)
+        self.cand_ok = torch.zeros(len(counts), dtype=torch.bool, device=dev)
+        self.cand_phrase = [None] * len(counts)
+        if cands:
+            c_idx = torch.as_tensor([b for b, _ in cands], device=dev)
+            self.cand[c_idx] = vout[len(fresh):]
+            self.cand_ok[c_idx] = True
+            for b, p in cands:
+                self.cand_phrase[b] = p
+
+    def _read_vectors(self, codes: np.ndarray, mask: np.ndarray) -> None:
+        """Input vectors of the hypertokens about to be read for the first time, in one encoder call."""
+        V = self._V
+        hit = (codes >= V) & (mask == 1)
+        if not hit.any():
+            return
+        b_idx, t_idx = np.nonzero(hit)
+        k_idx = codes[b_idx, t_idx] - V
+        todo = ~self.in_ready[b_idx, k_idx]
+        if not todo.any():
+            return
+        pairs = sorted(set(zip(b_idx[todo].tolist(), k_idx[todo].tolist())))
+        dev = self.device
+        with torch.no_grad():
+            vin = self.model.encode_inputs(_pad([self.books[b][k] for b, k in pairs], self.model.codec.max_subtokens,
+                                                dev))
+        self.in_table[torch.as_tensor([b for b, _ in pairs], device=dev),
+                      torch.as_tensor([k for _, k in pairs], device=dev)] = vin.to(self.in_table.dtype)
+        self.in_ready[[b for b, _ in pairs], [k for _, k in pairs]] = True
+
+    # ------------------------------------------------------------------ reading codes
+
+    def read(self, codes: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """Read ``[B, T]`` codes (already pushed) through the model; the last position's logits ``[B, V + C]``.
+
+        ``mask`` marks real codes (padding on the left), ``lengths`` their base tokens.
+        """
+        if self.ahead:
+            raise InputTypeError("drafts read ahead are pending: accept_ahead() or drop_ahead() first")
+        count = torch.as_tensor(self.count, device=self.device)[:, None]
+        return self._forward(codes, mask, lengths, count, self.cand[:, None], self.cand_ok[:, None], 1)[:, -1]
+
+    def _forward(self, codes: np.ndarray, mask: np.ndarray, lengths: np.ndarray, visible: torch.Tensor,
+                 cand: torch.Tensor, cand_ok: torch.Tensor, keep: int) -> torch.Tensor:
+        """The model over ``[B, T]`` codes with the head seeing ``visible`` ``[B, K]`` rows and the candidates
+        ``[B, K, D]`` / ``[B, K]`` at the last ``K = keep`` positions; their logits ``[B, K, V + C]``."""
+        mask = np.asarray(mask, np.int64)
+        self._read_vectors(codes, mask)
+        pos = position_ids(lengths, mask, self.model.config.position_mode, base_offset=self.base_len,
+                           code_offset=self.code_len)
+        self.base_len = self.base_len + (lengths * mask).sum(1)
+        self.code_len = self.code_len + mask.sum(1)
+        dev = self.device
+        self.mask = torch.cat([self.mask, torch.as_tensor(mask, device=dev)], 1)
+        W = min(self.model.codec.max_codebook_size, int(visible.max()) + 1) if visible.numel() else 0
+        model = self.model
+        emb, head = model.embedding, model.head
+        emb.table = self.in_table[:, :W]
+        head.context = HeadContext(self.out_table[:, :W], visible, cand, cand_ok)
+        if self.cache is None:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=model.base.config)
+        try:
+            out = model.base(input_ids=torch.as_tensor(codes, device=dev), attention_mask=self.mask,
+                             position_ids=torch.as_tensor(pos, device=dev), past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=keep)
+        finally:
+            emb.table, head.context = None, None
+        self.cache = out.past_key_values
+        for row in self.unread:
+            row.clear()
+        return out.logits
+
+    # ------------------------------------------------------------------ reading drafts ahead (speculation)
+
+    def read_ahead(self, draft: list[int]) -> torch.Tensor:
+        """Read the one appended code and then ``draft``, in one forward, without committing to the draft.
+
+        One row only (prompt lookup's setting).  Position ``j`` of the result is exactly what
+        :meth:`advance` would give after the appended code and ``draft[:j]`` had been appended and read:
+        the head of each position sees the entries installed up to it and its own legal next id.  The
+        decoders, books and tables are left as if only the appended code had been read; the KV cache
+        keeps the draft's positions (``ahead``) until :meth:`accept_ahead` takes them one at a time or
+        :meth:`drop_ahead` drops the rest.  Returns ``[len(draft) + 1, V + C]`` logits.
+
+        Raises:
+            InvalidCodeError: a draft code is not valid where it stands (nothing is changed).
+        """
+        if self.ahead:
+            raise InputTypeError("drafts read ahead are pending: accept_ahead() or drop_ahead() first")
+        if self.batch_size != 1 or len(self.unread[0]) != 1:
+            raise InputTypeError("read_ahead() runs on one row with exactly one appended, unread code")
+        if not draft:
+            return self.advance()
+        V, M = self._V, self.model.codec.max_subtokens
+        dec, book, n0 = self.decoders[0].copy(), self.books[0], int(self.count[0])
+        visible, phrases, lengths = [n0], [], []
+        new: list[tuple[int, tuple[int, ...]]] = []
+        for j, c in enumerate(draft):
+            try:
+                got = dec.push(int(c))
+            except InvalidCodeError as e:
+                raise InvalidCodeError(f"draft[{j}]: {e.reason}") from None
+            lengths.append(len(got.ids))
+            new += [(e.id - V, e.phrase) for e in got.installed]
+            visible.append(len(dec))
+            phrases.append(dec.next_phrase)
+        # the draft's entries and candidates get their output vectors in one encoder call
+        dev, dtype = self.device, self.out_table.dtype
+        self._reserve(min(self.model.codec.max_codebook_size, len(dec) + 1))
+        uniq: dict[tuple[int, ...], int] = {}
+        slot = [uniq.setdefault(p, len(uniq)) for p in [p for _, p in new] + [p for p in phrases if p is not None]]
+        vout = None
+        if uniq:
+            with torch.no_grad():
+                vout = self.model.encode_outputs(_pad(list(uniq), M, dev)).to(dtype)[torch.as_tensor(slot, device=dev)]
+        if new:
+            rows = torch.as_tensor([k for k, _ in new], device=dev)
+            assert vout is not None
+            self.out_table[0, rows] = vout[: len(new)]
+            self.lengths[0, rows] = torch.as_tensor([len(p) for _, p in new], device=dev)
+        cand = self.cand[:, None].repeat(1, len(draft) + 1, 1)
+        ok = self.cand_ok[:, None].repeat(1, len(draft) + 1)
+        at = [j + 1 for j, p in enumerate(phrases) if p is not None]
+        if at:
+            assert vout is not None
+            cand[0, torch.as_tensor(at, device=dev)] = vout[len(new):]
+        ok[0, 1:] = torch.as_tensor([p is not None for p in phrases], device=dev)
+        x = self.unread[0][0]
+        codes = np.array([[x] + [int(c) for c in draft]], np.int64)
+        code_len = np.array([self.code_lengths(0, [x]) + lengths], np.int64)
+        base_len, code_len0, width = self.base_len.copy(), self.code_len.copy(), self.mask.shape[1]
+        book += [p for _, p in new]  # read the draft's hypertokens with their input vectors, then forget them
+        try:
+            logits = self._forward(codes, np.ones_like(codes), code_len, torch.as_tensor([visible], device=dev),
+                                   cand, ok, len(draft) + 1)[0]
+        finally:
+            del book[n0:]
+            self.in_ready[0, n0:] = False  # ids past n0 may stand for other phrases once the real codes come
+        # only the appended code counts as read; the draft waits in the cache
+        self.mask = self.mask[:, : width + 1]
+        self.base_len, self.code_len = base_len + code_len[:, 0], code_len0 + 1
+        self.ahead = list(zip((int(c) for c in draft), lengths))
+        return logits
+
+    def accept_ahead(self) -> None:
+        """The code just appended is the next draft code: count its position, read ahead, as read."""
+        if not self.ahead or self.unread[0] != [self.ahead[0][0]]:
+            raise InputTypeError("accept_ahead() needs the next draft code appended, and nothing else")
+        n = self.ahead.pop(0)[1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(1, 1)], 1)
+        self.base_len, self.code_len = self.base_len + n, self.code_len + 1
+        self.unread[0].clear()
+
+    def drop_ahead(self) -> None:
+        """Forget the draft positions not accepted: the KV cache is cut back to what was read."""
+        if self.ahead:
+            # a negative count removes that many positions, in every transformers version we support
+            self.cache.crop(-len(self.ahead))
+            self.ahead = []
+
+    def feed(self, codes: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Push and read ``[B, T]`` codes, after any chosen but unread ones; the last position's logits.
+
+        Any padding is allowed (left, right or inside): each row's codes are read flush right, so that
+        the last position is every row's last code.  Returns ``(logits [B, V + C], new codes per row, base
+        tokens they stand for per row)``.
+        """
+        mask = np.asarray(mask, np.int64)
+        n_new, n_old = mask.sum(1), np.array([len(u) for u in self.unread], np.int64)
+        if (n_new + n_old == 0).any():
+            raise InputTypeError(f"row {int(np.argmin(n_new + n_old))} of attention_mask is all 0: "
+                                 "every sequence needs at least one code")
+        lengths = np.asarray(self.push(codes, mask), np.int64)
+        new_base = (lengths * mask).sum(1)
+        keep = mask.astype(bool)
+        if not n_old.any() and _left_padded(mask):
+            ids, m, ln = codes, mask, lengths
+        else:
+            seqs = [self.unread[b] + codes[b][keep[b]].tolist() for b in range(self.batch_size)]
+            lens = [self.code_lengths(b, self.unread[b]) + lengths[b][keep[b]].tolist() for b in range(self.batch_size)]
+            # a prompt keeps its width; a continuation is as wide as its longest row
+            width = codes.shape[1] if not n_old.any() else max(len(q) for q in seqs)
+            ids, m, ln = _flush_right(seqs, lens, width)
+        if self.seen is not None:
+            self.mark_seen(ids, m)
+        return self.read(ids, m, ln), n_new, new_base
+
+    def advance(self) -> torch.Tensor:
+        """Read the codes :meth:`append` chose since the last read (one per row): the next logits ``[B, V + C]``."""
+        n = {len(u) for u in self.unread}
+        if n != {1}:
+            raise InputTypeError("advance() reads one appended code per row: append exactly one first")
+        codes = np.array([[u[0]] for u in self.unread], np.int64)
+        lengths = np.array([self.code_lengths(b, [int(c)]) for b, (c,) in enumerate(codes)], np.int64)
+        return self.read(codes, np.ones_like(codes), lengths)
+
+    def step(self, codes: list[int]) -> tuple[list[list[int]], torch.Tensor]:
+        """One decoding step for every row: :meth:`append` ``codes``, then :meth:`advance`."""
+        expansions = self.append(codes)
+        return expansions, self.advance()
+
+    def track_seen(self) -> None:
+        """Start recording which codes each row has seen (for a repetition penalty)."""
+        if self.seen is None:
+            V, C = self._V, self.model.codec.max_codebook_size
+            self.seen = torch.zeros(self.batch_size, V + C, dtype=torch.bool, device=self.device)
+
+    def mark_seen(self, codes: np.ndarray, mask: np.ndarray) -> None:
+        self.track_seen()
+        seen = self.seen
+        assert seen is not None  # track_seen made it
+        for b in range(self.batch_size):
+            seen[b, torch.as_tensor(codes[b][mask[b].astype(bool)], device=self.device)] = True
+
+    # ------------------------------------------------------------------ rows
+
+    def select(self, keep: np.ndarray) -> HyperSession:
+        """The rows ``keep`` (positions in this batch) as a new session; the KV cache is narrowed in place."""
+        idx = torch.as_tensor(keep, device=self.device)
+        if self.cache is not None and len(keep) < self.batch_size:
+            self.cache.batch_select_indices(idx)
+        k = keep.tolist()
+        return HyperSession(self.model, self.index[keep], [self.decoders[i] for i in k], [self.books[i] for i in k],
+                            self.in_table[idx], self.out_table[idx], self.lengths[idx], self.count[keep],
+                            self.base_len[keep], self.code_len[keep], self.cand[idx], self.cand_ok[idx],
+                            self.mask[idx], self.cache, [self.unread[i] for i in k],
+                            None if self.seen is None else self.seen[idx], self.in_ready[keep],
+                            [self.cand_phrase[i] for i in k], [self.tokens[i] for i in k],
+                            [self.history[i] for i in k])
+
+    def detach(self, which: np.ndarray) -> HyperSession:
+        """Copy the rows ``which`` out (their KV cache included) before this batch is narrowed."""
+        out = HyperSession(**{f.name: getattr(self, f.name) for f in fields(self)})
+        out.cache = None
+        part = out.select(which)
+        if self.cache is not None:
+            part.cache = [(layer.keys[torch.as_tensor(which)], layer.values[torch.as_tensor(which)])
+                          if getattr(layer, "keys", None) is not None and layer.keys.numel() else None
+                          for layer in self.cache.layers]
+        return part
+
+    @classmethod
+    def merge(cls, parts: list[HyperSession], batch_size: int) -> HyperSession:
+        """One session of ``batch_size`` sequences in their first order, from rows that stopped at different steps."""
+        first = parts[0]
+        B = batch_size
+        if len(parts) == 1 and np.array_equal(first.index, np.arange(B)) and not isinstance(first.cache, list):
+            return first
+        order = np.argsort(np.concatenate([p.index for p in parts]))
+        S = max(p.mask.shape[1] for p in parts)
+        cap = max(p.in_table.shape[1] for p in parts)
+
+        def cat(name: str, pad_to: int | None = None) -> torch.Tensor:
+            ts = []
+            for p in parts:
+                t = getattr(p, name)
+                if pad_to is not None and t.shape[1] < pad_to:
+                    t = torch.cat([t, t.new_zeros((t.shape[0], pad_to - t.shape[1]) + tuple(t.shape[2:]))], 1)
+                ts.append(t)
+            return torch.cat(ts)[torch.as_tensor(order)]
+
+        def lists(name: str) -> list:
+            flat = [x for p in parts for x in getattr(p, name)]
+            return [flat[i] for i in order.tolist()]
+
+        def arrays(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])[order]
+
+        seen = cat("seen") if all(p.seen is not None for p in parts) else None
+        ready = np.zeros((B, cap), bool)
+        for p in parts:
+            ready[p.index, : p.in_ready.shape[1]] = p.in_ready
+        return cls(first.model, np.arange(B), lists("decoders"), lists("books"), cat("in_table", cap),
+                   cat("out_table", cap), cat("lengths", cap), arrays("count"), arrays("base_len"),
+                   arrays("code_len"), cat("cand"), cat("cand_ok"), cat("mask", S), _merged_cache(parts, order, S),
+                   lists("unread"), seen, ready, lists("cand_phrase"), lists("tokens"),
+                   lists("history"))
+
+
+def _merged_cache(parts: list[HyperSession], order: np.ndarray, S: int) -> Any:
+    """The parts' KV caches as one: each padded on the right to ``S`` (masked out), rows put back in ``order``."""
+    from transformers import DynamicCache
+
+    layer_lists = []
+    for p in parts:
+        if isinstance(p.cache, list):
+            layer_lists.append(p.cache)
+        else:
+            layer_lists.append([(layer.keys, layer.values) if getattr(layer, "keys", None) is not None
+                                and layer.keys.numel() else None for layer in p.cache.layers])
+    data = []
+    o = torch.as_tensor(order)
+    for li in range(len(layer_lists[0])):
+        ks, vs = [], []
+        for layers in layer_lists:
+            k, v = layers[li]
+            n = S - k.shape[2]  # the longest mask is at least as long as any layer's cache
+            if n > 0:
+                k = torch.cat([k, k.new_zeros(k.shape[:2] + (n,) + k.shape[3:])], 2)
+                v = torch.cat([v, v.new_zeros(v.shape[:2] + (n,) + v.shape[3:])], 2)
+            ks.append(k)
+            vs.append(v)
+        data.append((torch.cat(ks)[o], torch.cat(vs)[o]))
+    return DynamicCache(data)
+
+
+def _pad(phrases: list[tuple[int, ...]], M: int, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor([list(p) + [-1] * (M - len(p)) for p in phrases], dtype=torch.long, device=device)
+
+
+def _left_padded(mask: np.ndarray) -> bool:
+    """Whether every row of ``mask`` is some 0s followed by 1s."""
+    return bool((np.diff(mask.astype(np.int64), axis=1) >= 0).all())
+
+
+def _flush_right(seqs: list[list[int]], lens: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[B, width]`` codes, mask and base lengths with each row's codes at the right end (padding on the left)."""
+    B = len(seqs)
+    ids, mask, out_len = np.zeros((B, width), np.int64), np.zeros((B, width), np.int64), np.ones((B, width), np.int64)
+    for b, (s, ln) in enumerate(zip(seqs, lens)):
+        if len(s):
+            ids[b, width - len(s):], mask[b, width - len(s):], out_len[b, width - len(s):] = s, 1, ln
+    return ids, mask, out_len

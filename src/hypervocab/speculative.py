@@ -1,0 +1,134 @@
+"""Speculative hypertoken decoding: drafts from the context (prompt lookup), checked in one forward pass.
+
+Prompt lookup guesses that text about to be written has been written before: it finds the latest earlier
+place where the last few codes (or base tokens) occurred and proposes what followed.  Codes that repeat
+are proposed as they were written; tokens are encoded with the sequence's own live codebook
+(:meth:`~hypervocab.codec.LZWCodec.encode_continuation`), the way the LZW compressor the model was
+trained on would write them.  Either way a draft of ``k`` codes covers several base tokens per code.
+:meth:`HyperSession.read_ahead <hypervocab.session.HyperSession.read_ahead>` scores the whole draft in one
+forward; generation then takes the codes greedy decoding would have chosen anyway, and
+for sampling :func:`accept_draft` keeps the output distribution exactly that of ordinary sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codec import LZWCodec
+from .errors import check_int
+
+__all__ = ["PromptLookup", "accept_draft"]
+
+
+class _Stream:
+    """A sequence's ids in a growing NumPy buffer, and the latest earlier occurrence of its last n-gram."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(256, np.int64)
+        self.n = 0
+
+    def sync(self, ids: list[int]) -> None:
+        n = len(ids)
+        if n > len(self.ids):
+            grown = np.zeros(max(n, 2 * len(self.ids)), np.int64)
+            grown[: self.n] = self.ids[: self.n]
+            self.ids = grown
+        if n > self.n:
+            self.ids[self.n: n] = ids[self.n:]
+        self.n = n
+
+    def follow(self, max_ngram: int, width: int) -> np.ndarray | None:
+        """Up to ``width`` ids that followed the latest earlier occurrence of the last n-gram (longest first)."""
+        t, N = self.ids, self.n
+        for n in range(min(max_ngram, N - 1), 0, -1):
+            tail = t[N - n: N]
+            starts = np.flatnonzero(t[: N - n] == tail[0])  # occurrences that start before the tail does
+            for o in range(1, n):
+                starts = starts[t[starts + o] == tail[o]]
+            if len(starts):
+                i = int(starts[-1]) + n
+                return t[i: min(N, i + width)]
+        return None
+
+
+class PromptLookup:
+    """Drafts up to ``num_codes`` codes for one sequence from the latest earlier match of its last codes/tokens.
+
+    First the codes: where the last codes occurred before, the codes that followed are the draft (a model
+    that repeats itself repeats its own segmentation).  Failing that, the base tokens: what followed the
+    last tokens' earlier occurrence, encoded with the live codebook as the LZW compressor would.
+
+    num_codes: the most codes per draft (``prompt_lookup_num_tokens`` in :meth:`HyperModel.generate`);
+    max_ngram: the longest run of last codes (or tokens) matched, tried from longest to 1, as Hugging
+    Face's prompt lookup does.
+
+    A draft costs a forward over all its codes (on a CPU, two positions cost about 1.6 times one), so
+    drafting follows how drafts have fared (:meth:`update`): two codes more after a draft taken whole, one
+    fewer after one cut short, and after a draft of which nothing was taken, no draft for the next 1, 2,
+    4, ... 16 steps (reset by the next draft that is taken), so that text that does not repeat costs
+    little more than plain decoding.
+    """
+
+    def __init__(self, codec: LZWCodec, num_codes: int, *, max_ngram: int = 3) -> None:
+        self.codec = codec
+        self.num_codes = check_int("prompt_lookup_num_tokens", num_codes, minimum=1)
+        self.max_ngram = check_int("max_matching_ngram_size", max_ngram, minimum=1)
+        self._codes, self._tokens = _Stream(), _Stream()
+        self._known: dict[tuple[int, ...], int] = {}  # phrase -> first id, for the entries seen so far
+        self._n_known = 0
+        self.length = self.num_codes  # the next draft's length at most
+        self._misses = 0  # drafts in a row of which nothing was taken
+        self._wait = 0  # steps to go without drafting
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Tell how the last draft fared: ``accepted`` of its ``drafted`` codes were kept."""
+        if not drafted:
+            return
+        self.length = min(self.num_codes, self.length + 2) if accepted == drafted else max(1, self.length - 1)
+        self._misses = 0 if accepted else self._misses + 1
+        self._wait = min(16, 1 << (self._misses - 1)) if self._misses else 0
+
+    def __call__(self, session: Any, limit: int) -> list[int]:
+        """A draft of at most ``min(num_codes, limit)`` codes that may follow row 0 of ``session`` (a
+        :class:`~hypervocab.session.HyperSession`); empty when nothing earlier matches."""
+        k = min(self.length, limit)
+        if k <= 0:
+            return []
+        if self._wait:
+            self._wait -= 1
+            return []
+        self._codes.sync(session.history[0])
+        found = self._codes.follow(self.max_ngram, k)
+        if found is not None:
+            return [int(c) for c in found]
+        self._tokens.sync(session.tokens[0])
+        follow = self._tokens.follow(self.max_ngram, k * self.codec.max_subtokens)
+        if follow is None:
+            return []
+        book, V = session.books[0], self.codec.base_vocab_size
+        for i in range(self._n_known, len(book)):
+            self._known.setdefault(book[i], V + i)
+        self._n_known = len(book)
+        return self.codec.encode_continuation(follow, session.decoders[0], known=self._known, max_codes=k)
+
+
+def accept_draft(probs: torch.Tensor, draft: int, generator: torch.Generator | None = None) -> int:
+    """The speculative sampling rule for a draft that proposes ``draft`` with certainty.
+
+    ``probs`` is ``[N]``, the distribution ordinary sampling would draw from.  The draft is kept with
+    probability ``probs[draft]``; otherwise a code is drawn from ``probs`` with ``draft`` removed.  The
+    result is distributed exactly as ``probs``: P(x) = p(d)[x = d] + (1 - p(d)) p(x)[x != d] / (1 - p(d)).
+    """
+    p_draft = float(probs[draft])
+    u = float(torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu"))
+    if u < p_draft:
+        return draft
+    rest = probs.clone()
+    rest[draft] = 0
+    total = float(rest.sum())
+    if total <= 0:  # p(d) = 1 within rounding: nothing else can be drawn
+        return draft
+    return int(torch.multinomial(rest / total, 1, generator=generator)[0])
