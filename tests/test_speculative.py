@@ -199,6 +199,10 @@ def test_the_acceptance_rule_keeps_the_distribution():
     certain = torch.tensor([0.0, 1.0, 0.0])
     assert {accept_draft(certain, 1, gen) for _ in range(50)} == {1}
     assert 1 not in {accept_draft(torch.tensor([0.5, 0.0, 0.5]), 1, gen) for _ in range(200)}
+    with pytest.raises(InputTypeError, match=re.escape("draft must be an int in [0, 2], got 3")):
+        accept_draft(torch.tensor([0.5, 0.0, 0.5]), 3)
+    with pytest.raises(InputTypeError, match=re.escape("probs must be a 1-D torch.Tensor, got Tensor of shape (1, 3)")):
+        accept_draft(torch.tensor([[0.5, 0.0, 0.5]]), 0)
 
 
 def read_tokens(model, tokens: list[int]):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .codec import LZWCodec
-from .errors import check_int
+from .errors import InputTypeError, check_int
 
 __all__ = ["PromptLookup", "accept_draft"]
 
@@ -122,6 +122,10 @@ def accept_draft(probs: torch.Tensor, draft: int, generator: torch.Generator | N
     probability ``probs[draft]``; otherwise a code is drawn from ``probs`` with ``draft`` removed.  The
     result is distributed exactly as ``probs``: P(x) = p(d)[x = d] + (1 - p(d)) p(x)[x != d] / (1 - p(d)).
     """
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 1:
+        raise InputTypeError(f"probs must be a 1-D torch.Tensor, got {type(probs).__name__}"
+                             + (f" of shape {tuple(probs.shape)}" if isinstance(probs, torch.Tensor) else ""))
+    draft = check_int("draft", draft, minimum=0, maximum=len(probs) - 1, error=InputTypeError)
     p_draft = float(probs[draft])
     u = float(torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu"))
     if u < p_draft:
