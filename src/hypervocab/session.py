@@ -202,24 +202,19 @@ class HyperSession:
         that was last step's legal next id already has it.  Input vectors wait until an entry is
         first read (:meth:`_read_vectors`): most entries are never read.
         """
-        M, C = self.model.codec.max_subtokens, self.model.codec.max_codebook_size
+        C = self.model.codec.max_codebook_size
         counts = [len(d) for d in self.decoders]
         self.count = np.array(counts, np.int64)
         cands = [(b, p) for b, dec in enumerate(self.decoders) if (p := dec.next_phrase) is not None]
         # room for every entry plus the slot of the legal next id, which the head scores
         self._reserve(min(C, max(counts) + 1))
-        dev, dtype = self.device, self.out_table.dtype
+        dev = self.device
         reused = [(b, k) for b, k, p in new if p == self.cand_phrase[b]]
         fresh = [(b, k, p) for b, k, p in new if p != self.cand_phrase[b]]
         if reused:  # copy before the candidates are overwritten below
             rb = torch.as_tensor([b for b, _ in reused], device=dev)
             self.out_table[rb, torch.as_tensor([k for _, k in reused], device=dev)] = self.cand[rb]
-        out_phrases = [p for _, _, p in fresh] + [p for _, p in cands]
-        uniq: dict[tuple[int, ...], int] = {}
-        slot = [uniq.setdefault(p, len(uniq)) for p in out_phrases]
-        if uniq:
-            with torch.no_grad():
-                vout = self.model.encode_outputs(_pad(list(uniq), M, dev)).to(dtype)[torch.as_tensor(slot, device=dev)]
+        vout = self._output_vectors([p for _, _, p in fresh] + [p for _, p in cands])
         if fresh:
             self.out_table[torch.as_tensor([b for b, _, _ in fresh], device=dev),
                            torch.as_tensor([k for _, k, _ in fresh], device=dev)] = vout[: len(fresh)]
@@ -235,6 +230,17 @@ class HyperSession:
             self.cand_ok[c_idx] = True
             for b, p in cands:
                 self.cand_phrase[b] = p
+
+    def _output_vectors(self, phrases: list[tuple[int, ...]]) -> torch.Tensor:
+        """``[len(phrases), D]`` output vectors in the tables' dtype: one encoder call, each phrase encoded once."""
+        if not phrases:
+            return self.out_table.new_zeros(0, self.out_table.shape[-1])
+        uniq: dict[tuple[int, ...], int] = {}
+        slot = [uniq.setdefault(p, len(uniq)) for p in phrases]
+        dev = self.device
+        with torch.no_grad():
+            vout = self.model.encode_outputs(_pad(list(uniq), self.model.codec.max_subtokens, dev))
+        return vout.to(self.out_table.dtype)[torch.as_tensor(slot, device=dev)]
 
     def _read_vectors(self, codes: np.ndarray, mask: np.ndarray) -> None:
         """Input vectors of the hypertokens about to be read for the first time, in one encoder call."""
@@ -321,7 +327,7 @@ class HyperSession:
             raise InputTypeError("read_ahead() runs on one row with exactly one appended, unread code")
         if not draft:
             return self.advance()
-        V, M = self._V, self.model.codec.max_subtokens
+        V = self._V
         dec, book, n0 = self.decoders[0].copy(), self.books[0], int(self.count[0])
         visible, phrases, lengths = [n0], [], []
         new: list[tuple[int, tuple[int, ...]]] = []
@@ -335,24 +341,17 @@ class HyperSession:
             visible.append(len(dec))
             phrases.append(dec.next_phrase)
         # the draft's entries and candidates get their output vectors in one encoder call
-        dev, dtype = self.device, self.out_table.dtype
+        dev = self.device
         self._reserve(min(self.model.codec.max_codebook_size, len(dec) + 1))
-        uniq: dict[tuple[int, ...], int] = {}
-        slot = [uniq.setdefault(p, len(uniq)) for p in [p for _, p in new] + [p for p in phrases if p is not None]]
-        vout = None
-        if uniq:
-            with torch.no_grad():
-                vout = self.model.encode_outputs(_pad(list(uniq), M, dev)).to(dtype)[torch.as_tensor(slot, device=dev)]
+        vout = self._output_vectors([p for _, p in new] + [p for p in phrases if p is not None])
         if new:
             rows = torch.as_tensor([k for k, _ in new], device=dev)
-            assert vout is not None
             self.out_table[0, rows] = vout[: len(new)]
             self.lengths[0, rows] = torch.as_tensor([len(p) for _, p in new], device=dev)
         cand = self.cand[:, None].repeat(1, len(draft) + 1, 1)
         ok = self.cand_ok[:, None].repeat(1, len(draft) + 1)
         at = [j + 1 for j, p in enumerate(phrases) if p is not None]
         if at:
-            assert vout is not None
             cand[0, torch.as_tensor(at, device=dev)] = vout[len(new):]
         ok[0, 1:] = torch.as_tensor([p is not None for p in phrases], device=dev)
         x = self.unread[0][0]
