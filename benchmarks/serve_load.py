@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import random
 import socket
 import statistics
@@ -231,6 +232,139 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def run_load(server: LoopbackServer, model_name: str, prompts: list[str], args: argparse.Namespace,
+             label: str) -> tuple[list[Result], float]:
+    """``--clients`` threads streaming requests until ``--requests`` were sent or ``--seconds`` passed."""
+    import openai
+    from tqdm import tqdm
+
+    counter = Counter(args.requests)
+    results: list[Result] = []
+    lock = threading.Lock()
+    bar = tqdm(total=args.requests, desc=label, unit="req", file=sys.stderr)
+    deadline = time.perf_counter() + args.seconds
+
+    def client_loop(c: int) -> None:
+        # a client of its own per thread, as separate users would have; no retries: a failure must show
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
+        rng = random.Random(args.seed * 1000 + c)  # a fixed sequence of prompts per client
+        while time.perf_counter() < deadline and counter.take():
+            i = rng.randrange(len(prompts))
+            r = stream_one(client, model_name, prompts[i], i, args.max_tokens)
+            with lock:
+                results.append(r)
+                bar.update(1)
+                if r.error:
+                    bar.set_postfix(errors=sum(x.error is not None for x in results))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        for f in [pool.submit(client_loop, c) for c in range(args.clients)]:
+            f.result()
+    wall = time.perf_counter() - start
+    bar.total = len(results)  # the time budget may end the run before the request budget
+    bar.refresh()
+    bar.close()
+    return results, wall
+
+
+@dataclass
+class Phase:
+    """One server configuration under the load: what the clients got, and the server's own totals."""
+
+    label: str
+    max_batch_size: int
+    results: list[Result]
+    wall: float
+    metrics: dict[str, float]
+    reference: list[Result] = field(default_factory=list)  # requests run alone on this server (counted too)
+
+    @property
+    def ok(self) -> list[Result]:
+        return [r for r in self.results if not r.error]
+
+    def errors(self) -> list[Result]:
+        return [r for r in self.results if r.error]
+
+    def mismatches(self, reference: list[Result]) -> list[Result]:
+        return [r for r in self.ok if r.text != reference[r.prompt].text]
+
+    def tokens_per_second(self) -> float:
+        return sum(r.base_tokens for r in self.ok) / self.wall
+
+    def metrics_match(self) -> bool | None:
+        """Whether ``/metrics`` counted exactly what the clients received (``None`` after errors)."""
+        if self.errors():
+            return None  # a failed request may have counted part of its tokens: nothing exact to compare
+        everyone = self.reference + self.results
+        return all(self.metrics[f"hypervocab_completion_{k}_total"] == sum(getattr(r, a) for r in everyone)
+                   for k, a in (("tokens", "base_tokens"), ("codes", "codes")))
+
+
+def serve_phase(model: Any, tok: Any, model_name: str, prompts: list[str], args: argparse.Namespace,
+                max_batch_size: int, label: str, *, with_reference: bool) -> Phase:
+    """Start a server with ``max_batch_size``, (optionally) run every prompt alone first, then the load."""
+    import openai
+    from tqdm import tqdm
+
+    from hypervocab.serving import ServeLimits, create_app
+
+    # the queue must hold every client's request, or the load itself would cause 429s
+    limits = ServeLimits(max_tokens=args.max_tokens, max_queue=max(32, args.clients), max_batch_size=max_batch_size)
+    server = LoopbackServer(create_app(model, tok, model_name=model_name, limits=limits))
+    reference: list[Result] = []
+    try:
+        if with_reference:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
+            for i, p in enumerate(tqdm(prompts, desc="alone", unit="req", file=sys.stderr)):
+                reference.append(stream_one(client, model_name, p, i, args.max_tokens))
+            bad = [r for r in reference if r.error]
+            if bad:
+                raise RuntimeError("; ".join(f"prompt {r.prompt} run alone: {r.error}" for r in bad))
+        results, wall = run_load(server, model_name, prompts, args, label)
+        metrics = scrape_metrics(server.url)
+    finally:
+        server.stop()
+    return Phase(label, max_batch_size, results, wall, metrics, reference)
+
+
+def report(phases: list[Phase], reference: list[Result], args: argparse.Namespace, model_name: str) -> str:
+    """The Markdown table of every phase, and the throughput ratio of the last to the first."""
+    def cell(p: Phase, what: str) -> str:
+        ok = p.ok
+        lat = [r.latency for r in ok]
+        firsts = [r.first_chunk for r in ok if r.first_chunk is not None]
+        tokens, codes = sum(r.base_tokens for r in ok), sum(r.codes for r in ok)
+        return {
+            "requests": str(len(p.results)),
+            "errors": str(len(p.errors())),
+            "mismatches with the answer alone": str(len(p.mismatches(reference))),
+            "latency median / p95 (s)": f"{statistics.median(lat):.2f} / {percentile(lat, 0.95):.2f}" if lat else "-",
+            "time to first chunk median / p95 (s)":
+                f"{statistics.median(firsts):.2f} / {percentile(firsts, 0.95):.2f}" if firsts else "-",
+            "wall time (s)": f"{p.wall:.1f}",
+            "base tokens/s (total)": f"{tokens / p.wall:.1f}",
+            "codes/s (total)": f"{codes / p.wall:.1f}",
+            "base tokens per code": f"{tokens / codes:.2f}" if codes else "-",
+            "hypertoken share of codes (/metrics)": f"{p.metrics['hypervocab_hypertoken_share']:.3f}",
+            "/metrics totals match the clients'": {True: "yes", False: "NO", None: "- (errors)"}[p.metrics_match()],
+        }[what]
+
+    whats = ["requests", "errors", "mismatches with the answer alone", "latency median / p95 (s)",
+             "time to first chunk median / p95 (s)", "wall time (s)", "base tokens/s (total)", "codes/s (total)",
+             "base tokens per code", "hypertoken share of codes (/metrics)", "/metrics totals match the clients'"]
+    lines = [f"{args.clients} concurrent streaming clients, greedy, max_tokens={args.max_tokens}, model "
+             f"{model_name!r}.", "", "| | " + " | ".join(p.label for p in phases) + " |",
+             "|---|" + "---:|" * len(phases)]
+    lines += [f"| {w} | " + " | ".join(cell(p, w) for p in phases) + " |" for w in whats]
+    if len(phases) > 1:
+        ratio = phases[-1].tokens_per_second() / phases[0].tokens_per_second()
+        lines += ["", f"**{phases[-1].label} ÷ {phases[0].label}: {ratio:.2f}× the tokens/s** "
+                  f"(p95 latency {cell(phases[-1], 'latency median / p95 (s)').split(' / ')[1]} s against "
+                  f"{cell(phases[0], 'latency median / p95 (s)').split(' / ')[1]} s)."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
@@ -238,127 +372,73 @@ def main(argv: list[str] | None = None) -> int:
                        "checkpoint folder; a plain Hugging Face model folder gets fresh hyper-encoders, as with "
                        "`hypervocab serve` (default: default)")
     which.add_argument("--tiny", action="store_true", help="a tiny random Llama over the SmolLM2 tokenizer instead")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent streaming clients (default 8)")
-    parser.add_argument("--seconds", type=float, default=30.0, help="send no new request after this long (default 30)")
-    parser.add_argument("--requests", type=int, default=200, help="send at most this many requests (default 200)")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default 16)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="the batched server's max_batch_size (default: --clients)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the one-at-a-time server (max_batch_size=1): no ratio, half the time")
+    parser.add_argument("--seconds", type=float, default=600.0,
+                        help="per server, send no new request after this long (default 600)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per server (default 48)")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default 64)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="per-request client timeout in s (default 300)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="per-request client timeout in s (default 600)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clients' prompt choices (default 0)")
     parser.add_argument("--device", default="auto", help="'auto' (default: CUDA when available, else the CPU), "
                         "'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
                         help="model dtype (default 'auto': bfloat16 on a GPU that has it, else float32)")
+    parser.add_argument("--output", default=None, metavar="PREFIX",
+                        help="also write the table to PREFIX.md and the figures to PREFIX.json")
     args = parser.parse_args(argv)
     for name in ("clients", "requests", "max_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.seconds <= 0:
         parser.error("--seconds must be > 0")
-
-    import openai
-    from tqdm import tqdm
-
-    from hypervocab.serving import ServeLimits, create_app
+    batch = args.max_batch_size or args.clients
+    if batch < 1:
+        parser.error("--max-batch-size must be >= 1")
 
     prompts = stdlib_prompts() + ENGLISH
     t = time.perf_counter()
     model, tok, model_name = served_model(args)
     print(f"loaded {model_name!r} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    # the queue must hold every client's request, or the load itself would cause 429s
-    limits = ServeLimits(max_tokens=args.max_tokens, max_queue=max(32, args.clients))
-    server = LoopbackServer(create_app(model, tok, model_name=model_name, limits=limits))
-
-    def make_client() -> Any:
-        """A client of its own per thread, as separate users would have; no retries: a failure must show."""
-        return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
-
+    phases = []
     try:
-        # 1. the references: each prompt alone, one after another
-        alone_client = make_client()
-        reference: list[Result] = []
-        for i, p in enumerate(tqdm(prompts, desc="alone", unit="req", file=sys.stderr)):
-            reference.append(stream_one(alone_client, model_name, p, i, args.max_tokens))
-        bad = [r for r in reference if r.error]
-        if bad:
-            for r in bad:
-                print(f"error on prompt {r.prompt} run alone: {r.error}", file=sys.stderr)
-            return 1
-
-        # 2. the load: --clients threads, each streaming requests until the time or request budget is spent
-        counter = Counter(args.requests)
-        results: list[Result] = []
-        lock = threading.Lock()
-        bar = tqdm(total=args.requests, desc=f"{args.clients} clients", unit="req", file=sys.stderr)
-        deadline = time.perf_counter() + args.seconds
-
-        def client_loop(c: int) -> None:
-            client = make_client()
-            rng = random.Random(args.seed * 1000 + c)  # a fixed sequence of prompts per client
-            while time.perf_counter() < deadline and counter.take():
-                i = rng.randrange(len(prompts))
-                r = stream_one(client, model_name, prompts[i], i, args.max_tokens)
-                with lock:
-                    results.append(r)
-                    bar.update(1)
-                    if r.error:
-                        bar.set_postfix(errors=sum(x.error is not None for x in results))
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            for f in [pool.submit(client_loop, c) for c in range(args.clients)]:
-                f.result()
-        wall = time.perf_counter() - start
-        bar.total = len(results)  # the time budget may end the run before the request budget
-        bar.refresh()
-        bar.close()
-        metrics = scrape_metrics(server.url)
-    finally:
-        server.stop()
-
-    errors = [r for r in results if r.error]
-    mismatches = [r for r in results if not r.error and r.text != reference[r.prompt].text]
-    ok = [r for r in results if not r.error]
-    latencies = [r.latency for r in ok]
-    firsts = [r.first_chunk for r in ok if r.first_chunk is not None]
-    tokens, codes = sum(r.base_tokens for r in ok), sum(r.codes for r in ok)
-    # the server's own totals must match what every client (the reference runs too) received
-    everyone = reference + results
-    # (a failed request may have counted part of its tokens: then there is nothing exact to compare)
-    metrics_ok = None if errors else all(
-        metrics[f"hypervocab_completion_{k}_total"] == sum(getattr(r, a) for r in everyone)
-        for k, a in (("tokens", "base_tokens"), ("codes", "codes")))
-    rows = [
-        ("model", model_name),
-        ("clients / max_tokens", f"{args.clients} / {args.max_tokens}"),
-        ("requests", str(len(results))),
-        ("errors", str(len(errors))),
-        ("mismatches", str(len(mismatches))),
-        ("latency median / p95 (s)", f"{statistics.median(latencies):.3f} / {percentile(latencies, 0.95):.3f}"
-         if latencies else "-"),
-        ("time to first chunk, median (s)", f"{statistics.median(firsts):.3f}" if firsts else "-"),
-        ("wall time (s)", f"{wall:.1f}"),
-        ("base tokens/s (total)", f"{tokens / wall:.1f}"),
-        ("codes/s (total)", f"{codes / wall:.1f}"),
-        ("base tokens per code", f"{tokens / codes:.2f}" if codes else "-"),
-        ("hypertoken share of codes (/metrics)", f"{metrics['hypervocab_hypertoken_share']:.3f}"),
-        ("/metrics totals match the clients'", {True: "yes", False: "NO", None: "- (errors)"}[metrics_ok]),
-    ]
-    print("| metric | value |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
-    for r in errors[:5]:
-        print(f"error (prompt {r.prompt}): {r.error}", file=sys.stderr)
-    for r in mismatches[:5]:
-        want = reference[r.prompt].text
-        # show where they part: the texts often share a long prefix
-        at = next((i for i, (a, b) in enumerate(zip(r.text, want)) if a != b), min(len(r.text), len(want)))
-        print(f"mismatch (prompt {r.prompt}) at character {at}: got {r.text[max(0, at - 20):at + 40]!r}, "
-              f"alone {want[max(0, at - 20):at + 40]!r}", file=sys.stderr)
-    if metrics_ok is False:
-        print(f"/metrics: completion tokens {metrics['hypervocab_completion_tokens_total']:.0f}, codes "
-              f"{metrics['hypervocab_completion_codes_total']:.0f}; the clients got "
-              f"{sum(r.base_tokens for r in everyone)} and {sum(r.codes for r in everyone)}", file=sys.stderr)
-    return 1 if errors or mismatches or not results or metrics_ok is False else 0
+        if not args.no_baseline:
+            phases.append(serve_phase(model, tok, model_name, prompts, args, 1, "one at a time", with_reference=True))
+        phases.append(serve_phase(model, tok, model_name, prompts, args, batch, f"batched (max {batch})",
+                                  with_reference=args.no_baseline))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    reference = phases[0].reference
+    table = report(phases, reference, args, model_name)
+    print(table)
+    if args.output:
+        Path(args.output + ".md").write_text(table + "\n", encoding="utf-8")
+        Path(args.output + ".json").write_text(json.dumps({
+            "model": model_name, "clients": args.clients, "max_tokens": args.max_tokens,
+            "phases": [{"label": p.label, "max_batch_size": p.max_batch_size, "requests": len(p.results),
+                        "errors": len(p.errors()), "mismatches": len(p.mismatches(reference)),
+                        "wall_s": p.wall, "tokens_per_s": p.tokens_per_second(),
+                        "latency_p50_s": statistics.median([r.latency for r in p.ok]) if p.ok else None,
+                        "latency_p95_s": percentile([r.latency for r in p.ok], 0.95)} for p in phases]},
+            indent=2) + "\n", encoding="utf-8")
+    failed = False
+    for p in phases:
+        for r in p.errors()[:5]:
+            print(f"{p.label}: error (prompt {r.prompt}): {r.error}", file=sys.stderr)
+        for r in p.mismatches(reference)[:5]:
+            want = reference[r.prompt].text
+            # show where they part: the texts often share a long prefix
+            at = next((i for i, (a, b) in enumerate(zip(r.text, want)) if a != b), min(len(r.text), len(want)))
+            print(f"{p.label}: mismatch (prompt {r.prompt}) at character {at}: got {r.text[max(0, at - 20):at + 40]!r}"
+                  f", alone {want[max(0, at - 20):at + 40]!r}", file=sys.stderr)
+        if p.metrics_match() is False:
+            print(f"{p.label}: /metrics completion totals differ from what the clients got", file=sys.stderr)
+        failed |= bool(p.errors() or p.mismatches(reference) or not p.results or p.metrics_match() is False)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

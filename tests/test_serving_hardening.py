@@ -498,7 +498,7 @@ def test_the_cli_flags_and_their_defaults(monkeypatch, model, smollm2_tokenizer)
 def test_shutdown_cancels_running_and_queued_requests_after_the_grace_period(smollm2_tokenizer):
     # a model of its own: if the work went on after the test, it would not run on the other tests' model
     app = create_app(make("llama", smollm2_tokenizer), smollm2_tokenizer, model_name="tiny",
-                     limits=ServeLimits(max_prompt_tokens=400, max_tokens=3000, max_queue=4))
+                     limits=ServeLimits(max_prompt_tokens=400, max_tokens=3000, max_queue=4, max_batch_size=1))
     s = Server(app, timeout_graceful_shutdown=0.5)
     engine = app.state.engine
     results: list = []
@@ -566,7 +566,7 @@ def test_metrics_count_requests_tokens_queue_and_hypertokens(model, smollm2_toke
         hyper, codes = sum(u["hypertokens"] for u in usages), sum(u["completion_codes"] for u in usages)
         assert hyper > 0 and m["hypervocab_hypertoken_share"] == pytest.approx(hyper / codes)
         assert m["hypervocab_queue_length"] == 0 and m["hypervocab_batch_size"] == 0
-        assert m["hypervocab_max_batch_size"] == 1
+        assert m["hypervocab_max_batch_size"] == 16  # the default
         assert m["hypervocab_generation_seconds_total"] > 0
         # /health keeps its counters
         assert client.get("/health").json() == {"status": "ok", "model": "tiny", "waiting": 0, "served": 3,

@@ -132,3 +132,24 @@ def test_speculative_decoding_on_the_shipped_model_writes_its_greedy_output(ship
     assert got.new_codes == want.new_codes and got.new_base_ids == want.new_base_ids
     st = got.stats[0]
     assert st.accepted_codes > 0 and st.draft_codes >= st.accepted_codes
+
+
+def test_requests_batched_together_write_what_each_writes_alone_on_the_shipped_model(shipped):
+    """Continuous batching on the real model: requests joining at different steps, greedy, each one's text
+    and usage exactly what it gets alone on an idle server."""
+    from hypervocab.serving.batch import RunningBatch
+
+    from .test_serving_batch import alone, drive, job
+
+    model, htok = shipped
+    tok = htok.tokenizer
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    code = (lib / HELD_OUT[0]).read_text(encoding="utf-8")
+    prompts = [code[:900], code[2000:2400], "The museum opens at nine in the morning and closes at six in the "
+               "evening, except on Mondays, when it", "Dear team, thank you for your work on the release. Before we "
+               "start planning the next one, I would like"]
+    want = [alone(model, tok, p, 24) for p in prompts]
+    jobs = [(at, *job(tok, p, 24)) for at, p in zip((0, 0, 2, 7), prompts)]
+    sizes = drive(RunningBatch(model, tok), [(at, j) for at, j, _ in jobs])
+    assert max(sizes) == 4
+    assert [out.summary() for _, _, out in jobs] == want

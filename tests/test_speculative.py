@@ -104,6 +104,9 @@ def test_accepting_part_of_a_draft_then_leaving_it_equals_stepping(model, htok, 
     assert ahead.cache.get_seq_length() == stepped.cache.get_seq_length() == ahead.mask.shape[1]
     assert np.array_equal(ahead.base_len, stepped.base_len) and np.array_equal(ahead.code_len, stepped.code_len)
     assert ahead.books == stepped.books and ahead.tokens == stepped.tokens
+    # the tables too: a draft's entries leave no length behind (it would bar the legal next id from a budget)
+    w = min(ahead.lengths.shape[1], stepped.lengths.shape[1])
+    assert torch.equal(ahead.lengths[:, :w], stepped.lengths[:, :w]) and not ahead.lengths[:, w:].any()
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got), finite)
     assert torch.allclose(got[finite], want[finite], atol=1e-5, rtol=0)
@@ -174,6 +177,17 @@ def test_stopping_inside_an_accepted_draft_stops_where_greedy_stops(model, htok,
             assert len(got.new_base_ids[0]) <= 9 and got.stats[0].finish_reason == want.stats[0].finish_reason
             compared += 1
     assert compared >= 4
+
+
+def test_greedy_with_prompt_lookup_under_a_base_budget_is_greedy(model, htok):
+    """A draft that was read and dropped must not change what the budget allows next (a regression: the
+    draft's entry lengths stayed in the table and barred the legal next id once the budget got short)."""
+    codes = htok("import os\nimport sys\nimport os\nimport sys\n", return_tensors="pt")["input_ids"]
+    for budget in range(1, 13):
+        kw = dict(max_new_tokens=budget, max_new_base_tokens=budget, eos_token_id=[], return_dict_in_generate=True)
+        want = model.generate(codes, **kw)
+        got = model.generate(codes, prompt_lookup_num_tokens=4, **kw)
+        assert got.new_codes == want.new_codes, budget
 
 
 def test_sampling_with_prompt_lookup_is_valid_and_reproducible(model, htok):

@@ -21,7 +21,7 @@ from .codebook import Codebook
 from .errors import ConfigError, InputTypeError, check_int
 from .sampling import CodeSampler
 from .session import HyperSession, attention_mask_of
-from .speculative import PromptLookup
+from .speculative import DraftReader, PromptLookup
 
 __all__ = ["GenerationOutput", "GenerationState", "SequenceStats", "generate"]
 
@@ -197,7 +197,7 @@ def generate(
 ) -> torch.Tensor | GenerationOutput:
     """See :meth:`HyperModel.generate`."""
     V = model.codec.base_vocab_size
-    reader = _Reader(None if prompt_lookup_num_tokens is None else PromptLookup(
+    reader = DraftReader(None if prompt_lookup_num_tokens is None else PromptLookup(
         model.codec, prompt_lookup_num_tokens, max_ngram=3 if max_matching_ngram_size is None
         else max_matching_ngram_size))
     eos, stops = _check_options(V, max_new_tokens, max_new_base_tokens, do_sample, temperature, top_k, top_p,
@@ -211,7 +211,8 @@ def generate(
         raise ConfigError(f"a streamer shows one sequence: input_ids has {B} rows, give one")
     if reader.lookup is not None and B > 1:
         raise ConfigError(f"prompt_lookup_num_tokens drafts for one sequence: input_ids has {B} rows, give one")
-    gen = generator if generator is not None else (torch.Generator().manual_seed(seed) if seed is not None else None)
+    gen = generator if generator is not None else (
+        torch.Generator(device=session.device).manual_seed(seed) if seed is not None else None)
     sampler = CodeSampler(V, do_sample=do_sample, temperature=float(temperature), top_k=top_k, top_p=top_p,
                           repetition_penalty=float(repetition_penalty), allow_hypertokens=allow_hypertokens,
                           generator=gen)
@@ -236,15 +237,18 @@ def generate(
                                     stats)
             if streamer is not None:
                 streamer.put(torch.as_tensor(expansions[0]))
-            logits = reader.taken(session, codes, finished, stats)
+            logits = reader.taken(session, codes, finished)
             if logits is None:  # no draft, or it was left: read the codes just written
-                session, logits = reader.read(_drop_finished(session, finished, done), max_new_tokens - step, stats)
+                session = _drop_finished(session, finished, done)
+                logits = None if session is None else reader.read(session, max_new_tokens - step)
             if output_logits and session is not None and logits is not None:
                 scores.append(_scatter_rows(logits, session.index, B))
         if streamer is not None:
             streamer.end()
         if session is not None:
             done.append(session)
+    if reader.lookup is not None:  # one sequence
+        stats[0].draft_codes, stats[0].accepted_codes = reader.draft_codes, reader.accepted_codes
     state = GenerationState(HyperSession.merge(done, B))
     return _result(model, input_ids, eos, new_codes, new_base, stats, state, scores,
                    return_dict_in_generate, output_codebooks, output_logits)
@@ -265,57 +269,6 @@ def _record_step(index: list[int], codes: list[int], expansions: list[list[int]]
         if reason is not None:
             st.finish_reason, finished[i] = reason, True
     return finished
-
-
-class _Reader:
-    """How each step's codes are read: one step at a time, or with prompt lookup, drafts read ahead.
-
-    ahead: the logits of the draft positions read ahead and not reached yet; drafted: codes in the last draft.
-    """
-
-    def __init__(self, lookup: PromptLookup | None) -> None:
-        self.lookup = lookup
-        self.ahead: list[torch.Tensor] = []
-        self.drafted = 0
-
-    def choose(self, sampler: CodeSampler, logits: torch.Tensor, session: HyperSession,
-               budget: np.ndarray | None) -> list[int]:
-        """The step's codes; where a draft proposes one, by the rule that keeps greedy and sampled output."""
-        if session.ahead:
-            return [sampler.choose_draft(logits, session, budget, session.ahead[0][0])]
-        return sampler(logits, session, budget)
-
-    def taken(self, session: HyperSession, codes: list[int], finished: np.ndarray,
-              stats: list[SequenceStats]) -> torch.Tensor | None:
-        """The next logits if the code just written is the draft's (already read), else ``None`` (the rest
-        of the draft is dropped)."""
-        if session.ahead and not finished.any() and codes[0] == session.ahead[0][0]:
-            session.accept_ahead()
-            stats[int(session.index[0])].accepted_codes += 1
-            return self.ahead.pop(0)
-        if self.lookup is not None and self.drafted:
-            self.lookup.update(self.drafted, self.drafted - len(session.ahead))
-            self.drafted = 0
-        session.drop_ahead()
-        self.ahead.clear()
-        return None
-
-    def read(self, session: HyperSession | None, steps_left: int,
-             stats: list[SequenceStats]) -> tuple[HyperSession | None, torch.Tensor | None]:
-        """Read the codes just appended (unless every sequence is done): the session and the next
-        ``[B, V + C]`` logits.  With prompt lookup, a draft of at most ``steps_left`` codes is read with them
-        and the logits after each draft code wait in ``ahead``."""
-        if session is None:
-            return None, None
-        if self.lookup is None:
-            return session, session.advance()
-        draft = self.lookup(session, steps_left)
-        stats[int(session.index[0])].draft_codes += len(draft)
-        if not draft:
-            return session, session.advance()
-        logits = session.read_ahead(draft)
-        self.ahead, self.drafted = list(logits[1:].split(1)), len(draft)
-        return session, logits[:1]
 
 
 def _start(model: Any, input_ids: Any, attention_mask: Any,

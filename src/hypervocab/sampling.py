@@ -16,22 +16,30 @@ class CodeSampler:
 
     do_sample / temperature / top_k / top_p / repetition_penalty: as in Hugging Face ``generate`` (the
     penalty applies to codes the session has seen, when it tracks them); allow_hypertokens: ``False``
-    chooses base ids only; generator: for reproducible sampling.
+    chooses base ids only; generator: for reproducible sampling; logit_bias: ``[V]`` added to the base
+    ids' logits (OpenAI's ``logit_bias``).
+
+    A step is :meth:`scores` (what the session allows: penalty, budget, then :meth:`restrict`), then
+    :meth:`pick`.  The server's batch, whose rows each have their own sampler, masks the whole batch
+    once and has each row's sampler restrict and pick its own row.
     """
 
     def __init__(self, V: int, *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, allow_hypertokens: bool = True,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, logit_bias: torch.Tensor | None = None) -> None:
         self.V, self.do_sample, self.temperature = V, do_sample, temperature
         self.top_k, self.top_p, self.penalty = top_k, top_p, repetition_penalty
-        self.allow_hypertokens, self.generator = allow_hypertokens, generator
+        self.allow_hypertokens, self.generator, self.logit_bias = allow_hypertokens, generator, logit_bias
 
     def __call__(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None = None) -> list[int]:
         """One code per row; ``budget``: ``[B]`` base tokens each row may still write (longer codes are barred)."""
-        logits = self.scores(logits, session, budget)
+        return self.pick(self.scores(logits, session, budget))
+
+    def pick(self, scores: torch.Tensor) -> list[int]:
+        """One code per row of masked ``scores`` ``[B, V + C]``: the argmax, or a sample."""
         if not self.do_sample:
-            return logits.argmax(-1).tolist()
-        return torch.multinomial(self.probabilities(logits), 1, generator=self.generator)[:, 0].tolist()
+            return scores.argmax(-1).tolist()
+        return torch.multinomial(self.probabilities(scores), 1, generator=self.generator)[:, 0].tolist()
 
     def choose_draft(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None,
                      draft: int) -> int:
@@ -53,9 +61,7 @@ class CodeSampler:
         if self.penalty != 1.0 and session.seen is not None:
             scaled = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
             logits = torch.where(session.seen, scaled, logits)
-        if not self.allow_hypertokens:
-            logits[:, V:] = float("-inf")
-        elif budget is not None:
+        if self.allow_hypertokens and budget is not None:
             # a hypertoken longer than what is left of the base-token budget may not be chosen
             W = session.lengths.shape[1]
             left = torch.as_tensor(budget, device=logits.device)
@@ -66,7 +72,16 @@ class CodeSampler:
             if bad.any():
                 r = bad.nonzero()[:, 0]
                 logits[r, V + at[r]] = float("-inf")
-        return logits
+        return self.restrict(logits)
+
+    def restrict(self, scores: torch.Tensor) -> torch.Tensor:
+        """This sampler's own changes to float32 ``scores`` ``[B, V + C]`` (in place): bias, base ids only."""
+        V = self.V
+        if self.logit_bias is not None:
+            scores[:, :V] += self.logit_bias.to(scores.device, scores.dtype)
+        if not self.allow_hypertokens:
+            scores[:, V:] = float("-inf")
+        return scores
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, V + C]`` sampling distribution of masked logits (temperature, top-k, top-p)."""

@@ -15,6 +15,7 @@ stays valid while the codebooks grow.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -294,14 +295,15 @@ class HyperSession:
         if self.cache is None:
             from transformers import DynamicCache
 
-            self.cache = DynamicCache(config=model.base.config)
+            self.cache = _growing(DynamicCache(config=model.base.config))
+        name = _cache_argument()
         try:
             out = model.base(input_ids=torch.as_tensor(codes, device=dev), attention_mask=self.mask,
-                             position_ids=torch.as_tensor(pos, device=dev), past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=keep)
+                             position_ids=torch.as_tensor(pos, device=dev), use_cache=True, logits_to_keep=keep,
+                             **{name: self.cache})
         finally:
             emb.table, head.context = None, None
-        self.cache = out.past_key_values
+        self.cache = getattr(out, name)
         for row in self.unread:
             row.clear()
         return out.logits
@@ -364,7 +366,10 @@ class HyperSession:
                                    cand, ok, len(draft) + 1)[0]
         finally:
             del book[n0:]
-            self.in_ready[0, n0:] = False  # ids past n0 may stand for other phrases once the real codes come
+            # ids past n0 may stand for other phrases once the real codes come: forget what the draft put there
+            # (a stale length would bar the legal next id from a budget; only installing sets them again)
+            self.in_ready[0, n0:] = False
+            self.lengths[0, n0:] = 0
         # only the appended code counts as read; the draft waits in the cache
         self.mask = self.mask[:, : width + 1]
         self.base_len, self.code_len = base_len + code_len[:, 0], code_len0 + 1
@@ -468,6 +473,39 @@ class HyperSession:
                           for layer in self.cache.layers]
         return part
 
+    def compact(self) -> None:
+        """Drop the KV-cache columns that no row reads (0 in every row's mask), e.g. once rows have left.
+
+        The mask and the cache only ever grow by a column per step; a batch that rows join and leave
+        (the server's) would otherwise keep every departed row's columns for as long as it runs.
+        """
+        if self.cache is None or self.ahead or isinstance(self.cache, list):
+            return
+        keep = self.mask.bool().any(0)
+        if bool(keep.all()):
+            return
+        cols = keep.nonzero()[:, 0]
+        self.mask = self.mask[:, cols]
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+
+    @classmethod
+    def concat(cls, parts: list[HyperSession]) -> HyperSession:
+        """One session of the parts' rows, in the order given (how a request joins a running batch).
+
+        Each part's mask and KV cache are padded on the right to the longest (padding is masked out, and
+        positions are each row's own), so a row reads exactly what it would read alone.  The parts are
+        consumed: use only the result.
+        """
+        if any(p.ahead for p in parts):
+            raise InputTypeError("drafts read ahead are pending: drop_ahead() before joining sessions")
+        n = 0
+        for p in parts:
+            p.index = np.arange(n, n + p.batch_size)
+            n += p.batch_size
+        return cls.merge(parts, n)
+
     @classmethod
     def merge(cls, parts: list[HyperSession], batch_size: int) -> HyperSession:
         """One session of ``batch_size`` sequences in their first order, from rows that stopped at different steps."""
@@ -530,7 +568,64 @@ def _merged_cache(parts: list[HyperSession], order: np.ndarray, S: int) -> Any:
             ks.append(k)
             vs.append(v)
         data.append((torch.cat(ks)[o], torch.cat(vs)[o]))
-    return DynamicCache(data)
+    return _growing(DynamicCache(data))
+
+
+def _growing(cache: Any) -> Any:
+    """``cache`` with its plain dynamic layers appending in place (:func:`_growing_layer_class`)."""
+    from transformers.cache_utils import DynamicLayer
+
+    cls = _growing_layer_class()
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = cls  # same state, one method more: see _growing_layer_class
+    return cache
+
+
+@functools.cache
+def _growing_layer_class() -> type:
+    """A transformers ``DynamicLayer`` whose keys and values live in a buffer with room to spare.
+
+    A plain dynamic layer concatenates a new tensor at every step, copying the whole cache: for a batch
+    of 16 rows with 500 positions that is hundreds of megabytes a step on a 30-layer model.  This one
+    writes the new positions in place and hands out views; the buffer grows by a quarter (at least 64
+    positions) when full, so appending costs what it appends.  Anything that replaces ``keys`` with a
+    tensor of its own (narrowing the batch, dropping columns) is noticed, and the next append copies it
+    into a new buffer; cropping keeps a view of the buffer, and the next append overwrites what it cut.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            kbuf: torch.Tensor | None = getattr(self, "_kbuf", None)
+            n, t = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2]
+            if (kbuf is None or self.keys.dim() != 4 or self.keys.data_ptr() != kbuf.data_ptr()
+                    or self.keys.stride() != kbuf.stride() or n + t > kbuf.shape[-2]
+                    or kbuf.shape[:2] != key_states.shape[:2]):
+                cap = n + t + max(64, (n + t) // 4)
+                kbuf = key_states.new_empty(key_states.shape[:2] + (cap,) + key_states.shape[3:])
+                vbuf = value_states.new_empty(value_states.shape[:2] + (cap,) + value_states.shape[3:])
+                if n:
+                    kbuf[:, :, :n], vbuf[:, :, :n] = self.keys, self.values
+                self._kbuf, self._vbuf = kbuf, vbuf
+            self._kbuf[:, :, n: n + t] = key_states
+            self._vbuf[:, :, n: n + t] = value_states
+            self.keys, self.values = self._kbuf[:, :, : n + t], self._vbuf[:, :, : n + t]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+@functools.cache
+def _cache_argument() -> str:
+    """The name the base model's forward gives its KV cache: ``cache`` in recent transformers (which warn
+    about the older ``past_key_values``), ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def _pad(phrases: list[tuple[int, ...]], M: int, device: torch.device) -> torch.Tensor:

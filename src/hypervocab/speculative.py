@@ -12,7 +12,7 @@ for sampling :func:`accept_draft` keeps the output distribution exactly that of 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,7 +20,11 @@ import torch
 from .codec import LZWCodec
 from .errors import InputTypeError, check_int
 
-__all__ = ["PromptLookup", "accept_draft"]
+if TYPE_CHECKING:
+    from .sampling import CodeSampler
+    from .session import HyperSession
+
+__all__ = ["DraftReader", "PromptLookup", "accept_draft"]
 
 
 class _Stream:
@@ -113,6 +117,63 @@ class PromptLookup:
             self._known.setdefault(book[i], V + i)
         self._n_known = len(book)
         return self.codec.encode_continuation(follow, session.decoders[0], known=self._known, max_codes=k)
+
+
+class DraftReader:
+    """How each step's codes are read: one step at a time, or with prompt lookup, drafts read ahead.
+
+    The decoding loop of :func:`~hypervocab.generation.generate` and of the server's batch: :meth:`choose`
+    the step's codes, push them (``session.append``), then :meth:`taken` gives the next logits when the
+    code was the draft's (already read), else :meth:`read` reads it (and a new draft with it).
+
+    lookup: the drafter, or ``None`` (plain decoding); ahead: logits of the draft positions read ahead and
+    not reached yet; draft_codes / accepted_codes: codes drafted and drafts kept, in all.
+    """
+
+    def __init__(self, lookup: PromptLookup | None) -> None:
+        self.lookup = lookup
+        self.ahead: list[torch.Tensor] = []
+        self.drafted = 0  # codes in the draft being checked
+        self.draft_codes = self.accepted_codes = 0
+
+    def choose(self, sampler: CodeSampler, logits: torch.Tensor, session: HyperSession,
+               budget: np.ndarray | None) -> list[int]:
+        """The step's codes; where a draft proposes one, by the rule that keeps greedy and sampled output."""
+        if session.ahead:
+            return [sampler.choose_draft(logits, session, budget, session.ahead[0][0])]
+        return sampler(logits, session, budget)
+
+    def taken(self, session: HyperSession, codes: list[int], finished: np.ndarray) -> torch.Tensor | None:
+        """The next logits if the code just written is the draft's (already read), else ``None`` (the rest
+        of the draft is dropped)."""
+        if session.ahead and not finished.any() and codes[0] == session.ahead[0][0]:
+            session.accept_ahead()
+            self.accepted_codes += 1
+            return self.ahead.pop(0)
+        self.drop(session)
+        return None
+
+    def drop(self, session: HyperSession) -> None:
+        """Leave the current draft: the positions not reached are cut from the KV cache."""
+        if self.lookup is not None and self.drafted:
+            self.lookup.update(self.drafted, self.drafted - len(session.ahead))
+            self.drafted = 0
+        session.drop_ahead()
+        self.ahead.clear()
+
+    def read(self, session: HyperSession, steps_left: int) -> torch.Tensor:
+        """Read the codes just appended: the next ``[B, V + C]`` logits.  With prompt lookup (one row), a
+        draft of at most ``steps_left`` codes is read with them and the logits after each draft code wait
+        in ``ahead``."""
+        if self.lookup is None or session.batch_size != 1:
+            return session.advance()
+        draft = self.lookup(session, steps_left)
+        self.draft_codes += len(draft)
+        if not draft:
+            return session.advance()
+        logits = session.read_ahead(draft)
+        self.ahead, self.drafted = list(logits[1:].split(1)), len(draft)
+        return logits[:1]
 
 
 def accept_draft(probs: torch.Tensor, draft: int, generator: torch.Generator | None = None) -> int:

@@ -42,7 +42,8 @@ def default_allowed_hosts(host: str) -> list[str]:
 def server_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(create_app keyword arguments, uvicorn.run keyword arguments) for the parsed flags."""
     limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout)
+                         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout,
+                         max_batch_size=args.max_batch_size)
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -82,7 +83,8 @@ def add_serve_parser(sub: Any) -> None:
                        description="Serve a hypervocab model over HTTP: POST /v1/completions and "
                        "/v1/chat/completions (streaming with server-sent events), GET /v1/models, GET /health, "
                        "GET /metrics (Prometheus), and a playground at / that highlights the text hypertokens "
-                       "write. Requests are queued and run one at a time, each with its own codebook and cache.")
+                       "write. Concurrent requests are generated in one continuously batched run, each with "
+                       "its own codebook, cache and options.")
     s.add_argument("--model", default="default", help="a hypervocab checkpoint folder, a Hugging Face model, or "
                    "'default' (the shipped model)")
     s.add_argument("--base-model", default=None, help="the base model's folder or hub id, instead of the one the "
@@ -93,6 +95,9 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt in base tokens (default 4096)")
     s.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
     s.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait (default 32)")
+    s.add_argument("--max-batch-size", type=int, default=16,
+                   help="requests generated at once: they join and leave one running batch between steps "
+                   "(default 16; 1 runs them one at a time)")
     s.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
                    help="largest request body in bytes (default 2097152, 2 MiB); larger ones get 413")
     s.add_argument("--read-timeout", type=float, default=30.0,
@@ -108,7 +113,8 @@ def add_serve_parser(sub: Any) -> None:
                    "when --host is loopback, any for 0.0.0.0 or ::, else --host and the loopback names")
     add_device_options(s)
     s.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
-                   help="speculative decoding for every request: draft up to K codes from the context, check them "
+                   help="speculative decoding while a request is alone in the batch: draft up to K codes from the "
+                        "context, check them "
                         "in one forward (same output; faster where answers quote the prompt; default 0: off)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     s.set_defaults(func=run_server)

@@ -37,7 +37,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, check_int
-from .engine import Engine, Finished, Job, Piece, QueueFullError
+from .batch import Finished, Job, Piece
+from .engine import Engine, QueueFullError
 from .http import LOOPBACK_HOSTS, APIError, Guard, clip, encode_json, short
 from .metrics import CONTENT_TYPE, Metrics
 
@@ -57,7 +58,8 @@ class ServeLimits:
 
     max_prompt_tokens: longest prompt in base tokens (400); max_tokens: largest ``max_tokens`` (400);
     max_queue: requests waiting (429 beyond); max_body_bytes: largest request body (413);
-    read_timeout: seconds from the headers to the end of the body (408).
+    read_timeout: seconds from the headers to the end of the body (408); max_batch_size: requests
+    generated at once, in one continuously batched forward per step (1: one at a time).
     """
 
     max_prompt_tokens: int = 4096
@@ -65,9 +67,10 @@ class ServeLimits:
     max_queue: int = 32
     max_body_bytes: int = 2 * 1024 * 1024
     read_timeout: float = 30.0
+    max_batch_size: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens", "max_queue", "max_body_bytes"):
+        for name in ("max_prompt_tokens", "max_tokens", "max_queue", "max_body_bytes", "max_batch_size"):
             check_int(name, getattr(self, name), minimum=1)
         v = self.read_timeout
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -351,13 +354,14 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
                prompt_lookup: int = 0) -> Any:
     """A FastAPI app serving ``model`` (a :class:`~hypervocab.HyperModel`) with its base ``tokenizer``.
 
-    Requests are queued and run one at a time by an :class:`~hypervocab.serving.engine.Engine`, each
-    with its own codebook and cache.  ``app.state.engine`` is the engine (``engine.close()`` stops it).
+    Requests are queued and generated together, joining and leaving one running batch at step
+    boundaries (:class:`~hypervocab.serving.engine.Engine`), each with its own codebook, cache and
+    options.  ``app.state.engine`` is the engine (``engine.close()`` stops it).
 
     api_key: clients must send ``Authorization: Bearer <api_key>`` (all paths but ``/health`` and the
     playground page ``/``); allowed_hosts: the names the ``Host`` header may give (``*.example.com``
     patterns; ``"*"`` or ``None``: any), the loopback names by default, against DNS rebinding;
-    prompt_lookup: draft codes per step of speculative decoding for every request (0: off).
+    prompt_lookup: draft codes per step of speculative decoding for a request alone in the batch (0: off).
     """
     fastapi = _fastapi()
     from .schema import RequestParser
@@ -365,8 +369,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
     limits = limits or ServeLimits()
     _check_api_key(api_key)
     hosts = None if allowed_hosts is None or "*" in allowed_hosts else [h.strip().lower() for h in allowed_hosts]
-    engine = Engine(model.eval(), tokenizer, max_queue=limits.max_queue, prompt_lookup=prompt_lookup)
-    metrics = Metrics(engine)
+    engine = Engine(model.eval(), tokenizer, max_queue=limits.max_queue, max_batch_size=limits.max_batch_size,
+                    prompt_lookup=prompt_lookup)
+    metrics = Metrics(engine, max_batch_size=limits.max_batch_size)
     parser = RequestParser(tokenizer, model_name=model_name, vocab_size=model.codec.base_vocab_size, limits=limits)
     # JSON parsing and tokenizing run here, off the event loop (the tokenizer releases the GIL)
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hypervocab-parse")
