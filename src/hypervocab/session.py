@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -601,19 +601,20 @@ def _growing_layer_class() -> type:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             kbuf: torch.Tensor | None = getattr(self, "_kbuf", None)
-            n, t = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2]
-            if (kbuf is None or self.keys.dim() != 4 or self.keys.data_ptr() != kbuf.data_ptr()
-                    or self.keys.stride() != kbuf.stride() or n + t > kbuf.shape[-2]
-                    or kbuf.shape[:2] != key_states.shape[:2]):
+            keys = cast(torch.Tensor, self.keys)  # an empty 1-D tensor before the first append
+            n, t = (keys.shape[-2] if keys.dim() == 4 else 0), key_states.shape[-2]
+            if (kbuf is None or keys.dim() != 4 or keys.data_ptr() != kbuf.data_ptr() or keys.stride() != kbuf.stride()
+                    or n + t > kbuf.shape[-2] or kbuf.shape[:2] != key_states.shape[:2]):
                 cap = n + t + max(64, (n + t) // 4)
                 kbuf = key_states.new_empty(key_states.shape[:2] + (cap,) + key_states.shape[3:])
                 vbuf = value_states.new_empty(value_states.shape[:2] + (cap,) + value_states.shape[3:])
                 if n:
-                    kbuf[:, :, :n], vbuf[:, :, :n] = self.keys, self.values
+                    kbuf[:, :, :n], vbuf[:, :, :n] = keys, cast(torch.Tensor, self.values)
                 self._kbuf, self._vbuf = kbuf, vbuf
-            self._kbuf[:, :, n: n + t] = key_states
-            self._vbuf[:, :, n: n + t] = value_states
-            self.keys, self.values = self._kbuf[:, :, : n + t], self._vbuf[:, :, : n + t]
+            vbuf = self._vbuf
+            kbuf[:, :, n: n + t] = key_states
+            vbuf[:, :, n: n + t] = value_states
+            self.keys, self.values = kbuf[:, :, : n + t], vbuf[:, :, : n + t]
             return self.keys, self.values
 
     return GrowingLayer
