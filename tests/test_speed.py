@@ -153,6 +153,18 @@ def test_without_hypertokens_hypervocab_writes_what_base_writes(smollm2_tokenize
     assert res.row("free", "hypervocab").same_as_base == 1.0
 
 
+def test_with_a_static_cache_base_and_hypervocab_write_what_they_write_with_a_dynamic_one(result, model,
+                                                                                          smollm2_tokenizer, files):
+    """``cache_implementation="static"``: the base model through Hugging Face's static cache, hypervocab through
+    its own (:mod:`hypervocab.static_cache`); same greedy text as the dynamic run, and the report says so."""
+    res = speed_report(model, smollm2_tokenizer, {"edit": files["edit"]}, repeats=1, warmup=False,
+                       cache_implementation="static", **SIZES)
+    (p,) = res.prompts
+    want = next(q for q in result.prompts if q.workload == "edit")
+    assert p.outputs == want.outputs
+    assert res.settings["cache_implementation"] == "static" and "static KV cache" in res.to_markdown()
+
+
 def test_the_base_systems_run_with_lora_off_and_the_wrappers_come_back(smollm2_tokenizer, files):
     from peft import LoraConfig
 
@@ -202,6 +214,7 @@ def test_build_prompt_renames_a_function_and_fits_the_limit(smollm2_tokenizer):
     ({"max_new_base_tokens": 8.5}, "max_new_base_tokens must be an int >= 2, got 8.5"),
     ({"chat_template": "yes"},
      "chat_template must be True, False or None (use it when the tokenizer has one), got 'yes'"),
+    ({"cache_implementation": "paged"}, "cache_implementation must be one of 'dynamic', 'static', got 'paged'"),
 ])
 def test_bad_sizes_raise_naming_the_argument(model, smollm2_tokenizer, files, options, message):
     with pytest.raises(ConfigError) as e:

@@ -194,8 +194,11 @@ def generate(
     output_logits: bool = False,
     prompt_lookup_num_tokens: int | None = None,
     max_matching_ngram_size: int | None = None,
+    cache_implementation: str = "dynamic",
+    compile: bool | str | None = None,
 ) -> torch.Tensor | GenerationOutput:
     """See :meth:`HyperModel.generate`."""
+    static = _check_cache(cache_implementation, compile, past, prompt_lookup_num_tokens)
     V = model.codec.base_vocab_size
     reader = DraftReader(None if prompt_lookup_num_tokens is None else PromptLookup(
         model.codec, prompt_lookup_num_tokens, max_ngram=3 if max_matching_ngram_size is None
@@ -204,7 +207,8 @@ def generate(
                                 repetition_penalty, _default_eos(model) if eos_token_id is None else eos_token_id,
                                 stop_strings, tokenizer, streamer, seed, generator)
     session: HyperSession | None  # None once every sequence has finished
-    session, ids, mask = _start(model, input_ids, attention_mask, past)
+    session, ids, mask = _start(model, input_ids, attention_mask, past,
+                                static=(max_new_tokens, compile) if static else None)
     input_ids = input_ids if input_ids is not None else torch.as_tensor(ids, device=session.device)
     B = session.batch_size
     if streamer is not None and B > 1:
@@ -246,7 +250,8 @@ def generate(
         if streamer is not None:
             streamer.end()
         if session is not None:
-            done.append(session)
+            # the state left to continue from is an ordinary dynamic session (a static cache is only so long)
+            done.append(session.detach(np.arange(session.batch_size)) if session.static is not None else session)
     if reader.lookup is not None:  # one sequence
         stats[0].draft_codes, stats[0].accepted_codes = reader.draft_codes, reader.accepted_codes
     state = GenerationState(HyperSession.merge(done, B))
@@ -271,9 +276,26 @@ def _record_step(index: list[int], codes: list[int], expansions: list[list[int]]
     return finished
 
 
-def _start(model: Any, input_ids: Any, attention_mask: Any,
-           past: Any) -> tuple[HyperSession, np.ndarray, np.ndarray]:
-    """The session to run (new, or the one ``past`` left) and the codes to read first (``[B, T]`` and mask)."""
+def _check_cache(cache_implementation: Any, compile: Any, past: Any, lookup: Any) -> bool:
+    """Whether the call runs a static session (checked: ``"static"`` or ``"dynamic"``, and what goes with it)."""
+    if cache_implementation not in ("dynamic", "static"):
+        raise ConfigError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+    if compile is not None and not isinstance(compile, (bool, str)):
+        raise ConfigError(f"compile must be True, False, None or a torch.compile backend name, got {compile!r}")
+    static = cache_implementation == "static"
+    if static and past is not None:
+        raise ConfigError("cache_implementation='static' starts a new sequence: continuing (past=) runs dynamic")
+    if static and lookup is not None:
+        raise ConfigError("prompt_lookup_num_tokens reads drafts ahead, which needs cache_implementation='dynamic'")
+    if compile is not None and not static:
+        raise ConfigError("compile= applies to the static decode step: give cache_implementation='static'")
+    return static
+
+
+def _start(model: Any, input_ids: Any, attention_mask: Any, past: Any,
+           static: tuple[int, bool | str | None] | None = None) -> tuple[HyperSession, np.ndarray, np.ndarray]:
+    """The session to run (new, or the one ``past`` left) and the codes to read first (``[B, T]`` and mask);
+    ``static``: ``(max_new_tokens, compile)`` for a static session."""
     if isinstance(past, GenerationOutput):
         past = past.state
     if past is not None and not isinstance(past, GenerationState):
@@ -294,7 +316,12 @@ def _start(model: Any, input_ids: Any, attention_mask: Any,
     if past is None:
         if ids.shape[1] == 0:
             raise InputTypeError("input_ids is empty: give at least one code to start from")
-        return model.new_session(ids.shape[0]), ids, mask
+        if static is None:
+            return model.new_session(ids.shape[0]), ids, mask
+        if ids.shape[0] != 1:
+            raise ConfigError(f"cache_implementation='static' runs one sequence: input_ids has {ids.shape[0]} rows")
+        # the prompt, then one position per new code (the last code chosen is never read)
+        return model.new_session(1, max_length=ids.shape[1] + static[0], compiled=static[1]), ids, mask
     past.used = True
     return past.session, ids, mask
 

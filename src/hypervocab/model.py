@@ -409,6 +409,11 @@ class HyperModel(nn.Module):
                 encoded with the live codebook, and one forward checks it.  Greedy output is the same as
                 without it; sampled output has the same distribution.  See :mod:`hypervocab.speculative`.
             max_matching_ngram_size: the longest run of last base tokens prompt lookup matches (default 3).
+            cache_implementation: ``"dynamic"`` (default) or ``"static"``: a preallocated KV cache and
+                fixed-shape tables (one sequence), so that the decode step is compiled into a CUDA graph on
+                a GPU (see :mod:`hypervocab.static_cache`).  The output is the same.
+            compile: compile the static decode step: ``True`` (inductor, CUDA graphs on a GPU), a
+                ``torch.compile`` backend name, ``False`` (eager) or ``None`` (default: on a CUDA device).
 
         Returns:
             ``[B, T + n]`` codes (the input, then the new codes padded on the right with the pad id), or a
@@ -416,14 +421,18 @@ class HyperModel(nn.Module):
         """
         return generate(self, input_ids, attention_mask, **options)
 
-    def new_session(self, batch_size: int) -> HyperSession:
+    def new_session(self, batch_size: int, *, max_length: int | None = None,
+                    compiled: bool | str | None = None) -> HyperSession:
         """A :class:`~hypervocab.session.HyperSession` of ``batch_size`` empty sequences, read and written by code.
+
+        ``max_length`` makes a static session (one sequence, a preallocated cache of that many codes, a decode
+        step that ``compiled`` into a CUDA graph; default: compiled on a CUDA device).
 
         >>> session = model.new_session(1)                                # doctest: +SKIP
         >>> logits, _, _ = session.feed(codes, mask)   # read a prompt: [1, V + C] next-code logits
         >>> expansions, logits = session.step([int(logits.argmax())])    # write one code, read it
         """
-        return HyperSession.start(self, batch_size)
+        return HyperSession.start(self, batch_size, max_length=max_length, compiled=compiled)
 
     # ------------------------------------------------------------------ save / load
 

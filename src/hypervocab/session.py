@@ -63,6 +63,8 @@ class HyperSession:
         tokens / history: per row, the base ids / the codes pushed so far (what prompt lookup drafts from).
         ahead: ``(code, base tokens)`` of each position the KV cache holds past ``mask``: drafts read by
             :meth:`read_ahead` and not yet accepted (:meth:`accept_ahead`) or dropped (:meth:`drop_ahead`).
+        static: for a static session (:meth:`start` with ``max_length``), its fixed-shape decode step
+            (:class:`~hypervocab.static_cache.StaticStep`); ``None`` for the ordinary dynamic one.
     """
 
     model: Any
@@ -86,24 +88,44 @@ class HyperSession:
     tokens: list[list[int]]
     history: list[list[int]]
     ahead: list[tuple[int, int]] = field(default_factory=list)
+    static: Any = None
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def start(cls, model: Any, batch_size: int) -> HyperSession:
-        """``batch_size`` empty sequences (nothing read yet)."""
+    def start(cls, model: Any, batch_size: int, *, max_length: int | None = None,
+              compiled: bool | str | None = None) -> HyperSession:
+        """``batch_size`` empty sequences (nothing read yet).
+
+        max_length: make a static session of one sequence: a preallocated KV cache of this many codes and
+        full-width tables, whose decode step can be compiled into a CUDA graph (see
+        :mod:`hypervocab.static_cache`); compiled: compile that step (``True``, a ``torch.compile`` backend
+        name, or ``None``: on a CUDA device).
+        """
         B = check_int("batch_size", batch_size, minimum=1, error=InputTypeError)
+        check_int("max_length", max_length, minimum=1, optional=True, error=InputTypeError)
+        if max_length is not None and B != 1:
+            raise InputTypeError(f"a static session holds one sequence (max_length given), got batch_size={B}")
         w = model.embedding.base.weight
         dev, dt = w.device, w.dtype
         D_in, D_out = w.shape[1], model.head.base.weight.shape[1]
-        cap = min(model.codec.max_codebook_size, 64)
+        C = model.codec.max_codebook_size
+        # a static session's tables never grow: the step sees the same tensors every time
+        cap = min(C, 64) if max_length is None else C
         z = np.zeros(B, np.int64)
-        return cls(model, np.arange(B), [model.codec.decoder_state() for _ in range(B)], [[] for _ in range(B)],
-                   torch.zeros(B, cap, D_in, device=dev, dtype=dt), torch.zeros(B, cap, D_out, device=dev, dtype=dt),
-                   torch.zeros(B, cap, dtype=torch.long, device=dev), z, z.copy(), z.copy(),
-                   torch.zeros(B, D_out, device=dev, dtype=dt), torch.zeros(B, dtype=torch.bool, device=dev),
-                   torch.zeros(B, 0, dtype=torch.long, device=dev), None, [[] for _ in range(B)], None,
-                   np.zeros((B, cap), bool), [None] * B, [[] for _ in range(B)], [[] for _ in range(B)])
+        session = cls(model, np.arange(B), [model.codec.decoder_state() for _ in range(B)], [[] for _ in range(B)],
+                      torch.zeros(B, cap, D_in, device=dev, dtype=dt), torch.zeros(B, cap, D_out, device=dev, dtype=dt),
+                      torch.zeros(B, cap, dtype=torch.long, device=dev), z, z.copy(), z.copy(),
+                      torch.zeros(B, D_out, device=dev, dtype=dt), torch.zeros(B, dtype=torch.bool, device=dev),
+                      torch.zeros(B, 0, dtype=torch.long, device=dev), None, [[] for _ in range(B)], None,
+                      np.zeros((B, cap), bool), [None] * B, [[] for _ in range(B)], [[] for _ in range(B)])
+        if max_length is not None:
+            from .static_cache import StaticStep
+
+            session.static = StaticStep(model, B, max_length, session.out_table, session.cand, session.cand_ok,
+                                        compiled=compiled)
+            session.cache = session.static.cache
+        return session
 
     @property
     def batch_size(self) -> int:
@@ -223,7 +245,7 @@ class HyperSession:
             self.lengths[torch.as_tensor([b for b, _, _ in new], device=dev),
                          torch.as_tensor([k for _, k, _ in new], device=dev)] = torch.as_tensor(
                              [len(p) for _, _, p in new], device=dev)
-        self.cand_ok = torch.zeros(len(counts), dtype=torch.bool, device=dev)
+        self.cand_ok.zero_()  # in place: a static session's step holds this tensor
         self.cand_phrase = [None] * len(counts)
         if cands:
             c_idx = torch.as_tensor([b for b, _ in cands], device=dev)
@@ -280,6 +302,9 @@ class HyperSession:
         """The model over ``[B, T]`` codes with the head seeing ``visible`` ``[B, K]`` rows and the candidates
         ``[B, K, D]`` / ``[B, K]`` at the last ``K = keep`` positions; their logits ``[B, K, V + C]``."""
         mask = np.asarray(mask, np.int64)
+        if self.static is not None and self.mask.shape[1] + mask.shape[1] > self.static.max_length:
+            raise InputTypeError(f"this static session's cache holds {self.static.max_length} codes: reading "
+                                 f"{mask.shape[1]} more after {self.mask.shape[1]} would overflow it")
         self._read_vectors(codes, mask)
         pos = position_ids(lengths, mask, self.model.config.position_mode, base_offset=self.base_len,
                            code_offset=self.code_len)
@@ -287,6 +312,8 @@ class HyperSession:
         self.code_len = self.code_len + mask.sum(1)
         dev = self.device
         self.mask = torch.cat([self.mask, torch.as_tensor(mask, device=dev)], 1)
+        if self.static is not None:
+            return self._static_forward(codes, pos, visible, cand, cand_ok, keep)
         W = min(self.model.codec.max_codebook_size, int(visible.max()) + 1) if visible.numel() else 0
         model = self.model
         emb, head = model.embedding, model.head
@@ -308,6 +335,27 @@ class HyperSession:
             row.clear()
         return out.logits
 
+    def _static_forward(self, codes: np.ndarray, pos: np.ndarray, visible: torch.Tensor, cand: torch.Tensor,
+                        cand_ok: torch.Tensor, keep: int) -> torch.Tensor:
+        """:meth:`_forward` of a static session: a decode step through the (compiled) fixed-shape step, a
+        prompt eagerly; both into the static cache, with the mask as long as the cache."""
+        st, model, dev = self.static, self.model, self.device
+        full = torch.zeros(self.batch_size, st.max_length, dtype=torch.long, device=dev)
+        full[:, : self.mask.shape[1]] = self.mask
+        codes_t, pos_t, name = torch.as_tensor(codes, device=dev), torch.as_tensor(pos, device=dev), _cache_argument()
+        for row in self.unread:
+            row.clear()
+        if codes.shape[1] == 1 and keep == 1:  # a decode step: the step's own context holds cand / cand_ok
+            return st(model, codes_t, full, pos_t, visible[:, -1], self.in_table, name)[:, None]
+        emb, head = model.embedding, model.head
+        emb.table, head.context = self.in_table, HeadContext(self.out_table, visible, cand, cand_ok)
+        try:
+            out = model.base(input_ids=codes_t, attention_mask=full, position_ids=pos_t, use_cache=True,
+                             logits_to_keep=keep, **{name: self.cache})
+        finally:
+            emb.table, head.context = None, None
+        return out.logits
+
     # ------------------------------------------------------------------ reading drafts ahead (speculation)
 
     def read_ahead(self, draft: list[int]) -> torch.Tensor:
@@ -325,6 +373,8 @@ class HyperSession:
         """
         if self.ahead:
             raise InputTypeError("drafts read ahead are pending: accept_ahead() or drop_ahead() first")
+        if self.static is not None:
+            raise InputTypeError("read_ahead() needs the dynamic KV cache: a static session reads one code a step")
         if self.batch_size != 1 or len(self.unread[0]) != 1:
             raise InputTypeError("read_ahead() runs on one row with exactly one appended, unread code")
         if not draft:
@@ -468,9 +518,11 @@ class HyperSession:
         out.cache = None
         part = out.select(which)
         if self.cache is not None:
-            part.cache = [(layer.keys[torch.as_tensor(which)], layer.values[torch.as_tensor(which)])
+            rows, S = torch.as_tensor(which), self.mask.shape[1]  # a static cache is longer than what it holds
+            part.cache = [(layer.keys[rows][:, :, :S], layer.values[rows][:, :, :S])
                           if getattr(layer, "keys", None) is not None and layer.keys.numel() else None
                           for layer in self.cache.layers]
+            part.static = None  # the copy is an ordinary dynamic session
         return part
 
     def compact(self) -> None:
@@ -479,7 +531,7 @@ class HyperSession:
         The mask and the cache only ever grow by a column per step; a batch that rows join and leave
         (the server's) would otherwise keep every departed row's columns for as long as it runs.
         """
-        if self.cache is None or self.ahead or isinstance(self.cache, list):
+        if self.cache is None or self.ahead or isinstance(self.cache, list) or self.static is not None:
             return
         keep = self.mask.bool().any(0)
         if bool(keep.all()):

@@ -185,7 +185,7 @@ def _speed(args: argparse.Namespace) -> int:
     result = speed_report(model, htok.tokenizer, files, max_prompt_tokens=args.max_prompt_tokens,
                           max_new_base_tokens=args.max_new_tokens,
                           prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, repeats=args.repeats,
-                          progress=sys.stderr.isatty())
+                          cache_implementation=args.cache, progress=sys.stderr.isatty())
     payload = result.to_dict()
     payload["settings"] = {**payload.get("settings", {}), "model": args.model}
     out = _write(args.out, "speed", payload, result.to_markdown())
@@ -306,6 +306,9 @@ def add_eval_parser(sub: Any) -> None:
     sp.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length: "
                     "tokens for the base model, codes for hypervocab (default 10)")
     sp.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and system (default 3)")
+    sp.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                    help="KV cache of base and hypervocab greedy: 'static' preallocates it and, on a GPU, compiles "
+                    "the decode step into CUDA graphs, for both (default dynamic)")
     common(sp, files=False)
     sp.set_defaults(func=_speed)
 

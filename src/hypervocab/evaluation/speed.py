@@ -217,6 +217,9 @@ class SpeedResult:
                  f"{s.get('max_new_base_tokens', '?')} base tokens (end-of-sequence ignored), greedy; prompt lookup "
                  f"proposes {s.get('prompt_lookup_num_tokens', '?')} tokens.  Decode = base tokens after the first new "
                  "chunk per second; speed-ups are against `base` on the same workload.")
+        if s.get("cache_implementation") == "static":
+            intro += ("  Base and hypervocab greedy ran with a static KV cache (on a GPU, their decode steps "
+                      "compiled into CUDA graphs); the prompt lookup systems with the dynamic one.")
         header = ("| workload | system | prompt tokens | prefill tok/s | TTFT (s) | decode tok/s | decode speed-up | "
                   "total (s) | end-to-end speed-up | tokens/step | same as base |")
         lines = [intro, "", header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -426,11 +429,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def _run_once(model: HyperModel, system: str, ids: list[int], codes: list[int], *, new_tokens: int,
-              lookup: int, pad_id: int) -> tuple[_Clock, float, float, dict[str, int]]:
+              lookup: int, pad_id: int, cache: str = "dynamic") -> tuple[_Clock, float, float, dict[str, int]]:
     """One greedy ``generate`` call of ``system``.
 
-    ``ids``: the prompt's base tokens; ``codes``: the same compressed (hypervocab reads these).  Returns
-    the clock, the call's start and end (``time.perf_counter()``) and hypervocab's statistics.
+    ``ids``: the prompt's base tokens; ``codes``: the same compressed (hypervocab reads these); ``cache``:
+    the KV cache of the two plain greedy systems (``"static"``: compiled into CUDA graphs on a GPU, by
+    Hugging Face for the base model and by :mod:`hypervocab.static_cache` for hypervocab; the prompt
+    lookup systems keep the dynamic cache their drafts need).  Returns the clock, the call's start and
+    end (``time.perf_counter()``) and hypervocab's statistics.
     """
     import torch
 
@@ -442,9 +448,11 @@ def _run_once(model: HyperModel, system: str, ids: list[int], codes: list[int], 
         mask = torch.ones_like(x)
         synchronize(device)
         t0 = time.perf_counter()
+        lookup_on = system == "hypervocab_lookup"
         out = model.generate(x, mask, max_new_tokens=new_tokens, max_new_base_tokens=new_tokens, eos_token_id=[],
                              streamer=clock, return_dict_in_generate=True,
-                             prompt_lookup_num_tokens=lookup if system == "hypervocab_lookup" else None)
+                             prompt_lookup_num_tokens=lookup if lookup_on else None,
+                             cache_implementation="dynamic" if lookup_on else cache)
         synchronize(device)
         t1 = time.perf_counter()
         st = out.stats[0]
@@ -459,6 +467,8 @@ def _run_once(model: HyperModel, system: str, ids: list[int], codes: list[int], 
                                    eos_token_id=[], pad_token_id=pad_id, streamer=clock)
     if system == "prompt_lookup":
         options["prompt_lookup_num_tokens"] = lookup
+    elif cache == "static":
+        options["cache_implementation"] = "static"
     with _plain_base(model) as base, torch.no_grad():
         synchronize(device)
         t0 = time.perf_counter()
@@ -495,6 +505,7 @@ def speed_report(
     prompt_lookup_num_tokens: int = 10,
     repeats: int = 3,
     warmup: bool = True,
+    cache_implementation: str = "dynamic",
     chat_template: bool | None = None,
     progress: bool = False,
 ) -> SpeedResult:
@@ -517,7 +528,10 @@ def speed_report(
             many); at least 2, so that something is left to time after the first token.
         prompt_lookup_num_tokens: tokens prompt lookup decoding proposes per step.
         repeats: timed runs of each prompt by each system; the systems take turns.
-        warmup: run each system once, untimed, on the first prompt first (lazy initialisation, caches).
+        warmup: run each system once, untimed, on the first prompt first (lazy initialisation, caches, and
+            with a static cache on a GPU, compilation).
+        cache_implementation: ``"dynamic"`` or ``"static"``: the KV cache of base greedy and hypervocab greedy
+            (static: compiled into CUDA graphs on a GPU, for both, so that the comparison stays fair).
         chat_template: wrap prompts in the tokenizer's chat template; ``None``: when it has one.
         progress: show a progress bar (tqdm) over the runs.
 
@@ -532,6 +546,7 @@ def speed_report(
     check_int("max_new_base_tokens", max_new_base_tokens, minimum=2)
     check_int("prompt_lookup_num_tokens", prompt_lookup_num_tokens, minimum=1)
     check_int("repeats", repeats, minimum=1)
+    _check_name("cache_implementation", cache_implementation, ("dynamic", "static"))
     if chat_template not in (None, True, False):
         raise ConfigError(f"chat_template must be True, False or None (use it when the tokenizer has one), "
                           f"got {chat_template!r}")
@@ -544,12 +559,12 @@ def speed_report(
     if warmup:
         _, ids, codes = prompts[0]
         _warm_up(model, ids, codes, new_tokens=max_new_base_tokens, lookup=prompt_lookup_num_tokens, pad_id=pad_id,
-                 bar=bar)
+                 bar=bar, cache=cache_implementation)
 
     runs: list[SpeedRun] = []
     for k, (prompt, ids, codes) in enumerate(prompts):
         runs += _timed_prompt(model, k, prompt, ids, codes, repeats=repeats, new_tokens=max_new_base_tokens,
-                              lookup=prompt_lookup_num_tokens, pad_id=pad_id, bar=bar)
+                              lookup=prompt_lookup_num_tokens, pad_id=pad_id, bar=bar, cache=cache_implementation)
     if bar is not None:
         bar.close()
     return SpeedResult(_rows(runs), runs, [p for p, _, _ in prompts], dict(
@@ -557,6 +572,7 @@ def speed_report(
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""), threads=_threads(),
         max_prompt_tokens=max_prompt_tokens, max_new_base_tokens=max_new_base_tokens,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens, repeats=repeats, warmup=warmup, chat_template=chat,
+        cache_implementation=cache_implementation,
         eos="ignored", decoding="greedy", max_codebook_size=model.config.max_codebook_size,
         max_subtokens=model.config.max_subtokens, workloads=list(lists), versions=_versions(),
         files={w: [str(p) for p in ps] for w, ps in lists.items()}))
@@ -588,12 +604,12 @@ def _progress_bar(show: bool, total: int) -> Any:
 
 
 def _warm_up(model: HyperModel, ids: list[int], codes: list[int], *, new_tokens: int, lookup: int, pad_id: int,
-             bar: Any) -> None:
+             bar: Any, cache: str = "dynamic") -> None:
     """One untimed run of every system on the first prompt (lazy initialisation, caches)."""
     for system in SYSTEMS:
         if bar is not None:
             bar.set_description(f"warm-up {system}")
-        _run_once(model, system, ids, codes, new_tokens=new_tokens, lookup=lookup, pad_id=pad_id)
+        _run_once(model, system, ids, codes, new_tokens=new_tokens, lookup=lookup, pad_id=pad_id, cache=cache)
         if bar is not None:
             bar.update(1)
 
@@ -613,7 +629,7 @@ def _build_prompts(lists: dict[str, list[Path]], htok: Any, *, max_prompt_tokens
 
 
 def _timed_prompt(model: HyperModel, k: int, prompt: SpeedPrompt, ids: list[int], codes: list[int], *, repeats: int,
-                  new_tokens: int, lookup: int, pad_id: int, bar: Any) -> list[SpeedRun]:
+                  new_tokens: int, lookup: int, pad_id: int, bar: Any, cache: str = "dynamic") -> list[SpeedRun]:
     """Every timed run of the ``k``-th prompt, the systems taking turns; fills ``prompt.outputs``."""
     runs: list[SpeedRun] = []
     first: dict[str, SpeedRun] = {}
@@ -624,7 +640,7 @@ def _timed_prompt(model: HyperModel, k: int, prompt: SpeedPrompt, ids: list[int]
             if bar is not None:
                 bar.set_description(f"{prompt.workload} {system}")
             clock, t0, t1, extra = _run_once(model, system, ids, codes, new_tokens=new_tokens, lookup=lookup,
-                                             pad_id=pad_id)
+                                             pad_id=pad_id, cache=cache)
             if not clock.times:
                 raise RuntimeError(f"{system} wrote no token on {prompt.source}: its generate() never called "
                                    "the streamer")
