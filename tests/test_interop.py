@@ -184,10 +184,7 @@ def test_same_logits_and_generations_as_the_public_runtime(case, tmp_path, base_
     assert any(c >= V for codes in our_out.new_codes for c in codes), "no hypertoken was generated: a weak test"
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(
-    strict=True, reason="hypervocab.load takes the tokenizer from model.config.base_model_name_or_path, which is "
-    "None for a checkpoint with full decoder weights: loading.py should read it as HyperTokenizer.from_pretrained "
-    "does")) if "full_decoder" in c else c for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_load_reads_the_public_format_as_from_pretrained_does(case, tmp_path, base_dir, smollm2_tokenizer):
     from hypervocab import load
 

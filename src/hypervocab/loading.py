@@ -95,8 +95,13 @@ def load(name_or_path: str | Path, *, base_model: str | Path | None = None, devi
             kwargs = {"base_model": AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch_dtype)}
         model = HyperModel.from_pretrained(path, **kwargs)
         has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-        source = str(path) if has_tokenizer else str(base_model or model.config.base_model_name_or_path)
-        tok = load_tokenizer(source)
+        if not has_tokenizer and base_model is None and is_public_checkpoint(path):
+            # a public checkpoint names its base model in its own config (which HyperTokenizer reads), and one
+            # with full decoder weights leaves base_model_name_or_path empty
+            tok = HyperTokenizer.from_pretrained(path).tokenizer
+        else:
+            source = path if has_tokenizer else base_model or model.config.base_model_name_or_path
+            tok = load_tokenizer(str(source))
     else:
         tok = load_tokenizer(name)
         base = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
