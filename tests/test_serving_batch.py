@@ -134,6 +134,23 @@ def test_each_row_keeps_its_own_sampling_options_seed_and_logit_bias(model, smol
     assert want_greedy[0] != want_biased[0]  # the bias changed something
 
 
+def test_a_caller_whose_events_fail_leaves_and_the_others_go_on(model, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    gone = Job(tok(TEXTS[0])["input_ids"], 30, lambda ev: (_ for _ in ()).throw(RuntimeError("event loop is closed")),
+               temperature=0.0)
+    b, out_b = job(tok, TEXTS[1], 30)
+    batch = RunningBatch(model, tok)
+    batch.join([gone, b])
+    ended = []
+    while len(batch):
+        ended += batch.step()
+    assert [(j is gone, r.finish_reason) for j, r in ended][0] == (True, "cancelled")
+    for j, r in ended:
+        if j is b:
+            j.emit(r)
+    assert out_b.summary() == alone(model, tok, TEXTS[1], 30)
+
+
 def test_a_cancelled_request_leaves_and_the_others_go_on(model, smollm2_tokenizer):
     tok = smollm2_tokenizer
     batch = RunningBatch(model, tok)

@@ -139,7 +139,12 @@ class _RowText:
                 self.pending[0] = (text[len(part):], hyper)
             n -= len(part)
             self.sent += part
-            self.job.emit(Piece(part, hyper, self.codes, self.base_tokens))
+            try:
+                self.job.emit(Piece(part, hyper, self.codes, self.base_tokens))
+            except Exception:  # noqa: BLE001 - the caller is gone (e.g. its event loop closed): only its row leaves
+                self.job.cancelled.set()
+                self.pending.clear()
+                return
 
 
 @dataclass
