@@ -78,6 +78,22 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
 
 
+@pytest.fixture(scope="module")
+def tiny_htok(smollm2_tokenizer):
+    """A HyperTokenizer over the real SmolLM2 tokenizer with the tiny models' codec (64 entries, 4 subtokens)."""
+    from hypervocab import HyperConfig, HyperTokenizer
+
+    return HyperTokenizer.from_base(smollm2_tokenizer, HyperConfig(max_codebook_size=64, max_subtokens=4))
+
+
+@pytest.fixture(scope="module", params=["base", "compressed"])
+def tiny_model(request, smollm2_tokenizer):
+    """The tiny random Llama (``models.make``), once with base-token positions and once with code positions."""
+    from .models import make
+
+    return make("llama", smollm2_tokenizer, position_mode=request.param)
+
+
 @pytest.fixture(scope="session")
 def stdlib_files():
     """A fixed, sorted sample of real Python source files from the standard library."""

@@ -11,27 +11,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hypervocab import HyperConfig, HyperTokenizer
 from hypervocab.errors import ConfigError, InputTypeError, InvalidCodeError
 from hypervocab.speculative import PromptLookup, accept_draft
 
 transformers = pytest.importorskip("transformers")
 
-from .models import V, make  # noqa: E402
+from .models import V  # noqa: E402
 
 PROMPT = ("def area(width, height):\n    return width * height\n\n\n"
           "def perimeter(width, height):\n    return 2 * (width + height)\n\n\n"
           "def area(width, height):\n    return width * height\n\n\n")
-
-
-@pytest.fixture(scope="module")
-def htok(smollm2_tokenizer):
-    return HyperTokenizer.from_base(smollm2_tokenizer, HyperConfig(max_codebook_size=64, max_subtokens=4))
-
-
-@pytest.fixture(scope="module", params=["base", "compressed"])
-def model(request, smollm2_tokenizer):
-    return make("llama", smollm2_tokenizer, position_mode=request.param)
 
 
 def draw_codes(data, decoder, n: int) -> list[int]:
@@ -52,9 +41,9 @@ def draw_codes(data, decoder, n: int) -> list[int]:
     return out
 
 
-def prompt_session(model, htok, text: str = PROMPT):
-    codes = htok(text, return_tensors="np")["input_ids"]
-    session = model.new_session(1)
+def prompt_session(tiny_model, tiny_htok, text: str = PROMPT):
+    codes = tiny_htok(text, return_tensors="np")["input_ids"]
+    session = tiny_model.new_session(1)
     logits, _, _ = session.feed(codes, np.ones_like(codes))
     session.append([int(logits.argmax())])
     return session
@@ -62,8 +51,8 @@ def prompt_session(model, htok, text: str = PROMPT):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_reading_a_draft_ahead_equals_reading_it_code_by_code(model, htok, data):
-    ahead, stepped = prompt_session(model, htok), prompt_session(model, htok)
+def test_reading_a_draft_ahead_equals_reading_it_code_by_code(tiny_model, tiny_htok, data):
+    ahead, stepped = prompt_session(tiny_model, tiny_htok), prompt_session(tiny_model, tiny_htok)
     draft = draw_codes(data, ahead.decoders[0], data.draw(st.integers(1, 7)))
     count, cand = ahead.count.copy(), ahead.cand.clone()
     with torch.no_grad():
@@ -84,8 +73,8 @@ def test_reading_a_draft_ahead_equals_reading_it_code_by_code(model, htok, data)
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_accepting_part_of_a_draft_then_leaving_it_equals_stepping(model, htok, data):
-    ahead, stepped = prompt_session(model, htok), prompt_session(model, htok)
+def test_accepting_part_of_a_draft_then_leaving_it_equals_stepping(tiny_model, tiny_htok, data):
+    ahead, stepped = prompt_session(tiny_model, tiny_htok), prompt_session(tiny_model, tiny_htok)
     draft = draw_codes(data, ahead.decoders[0], data.draw(st.integers(2, 6)))
     n = data.draw(st.integers(0, len(draft) - 1))
     with torch.no_grad():
@@ -127,15 +116,15 @@ def same_greedy(got, want) -> bool:
 
 
 @pytest.mark.parametrize("k", [3])
-def test_greedy_with_prompt_lookup_is_greedy(model, htok, stdlib_files, k):
+def test_greedy_with_prompt_lookup_is_greedy(tiny_model, tiny_htok, stdlib_files, k):
     texts = [PROMPT] + [path.read_text(encoding="utf-8")[:400] for path in stdlib_files[:3]]
     accepted, identical = 0, 0
     for text in texts:
-        codes = htok(text, return_tensors="pt")["input_ids"]
+        codes = tiny_htok(text, return_tensors="pt")["input_ids"]
         kw = dict(max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True, output_logits=True,
                   output_codebooks=True)
-        want = model.generate(codes, **kw)
-        got = model.generate(codes, prompt_lookup_num_tokens=k, **kw)
+        want = tiny_model.generate(codes, **kw)
+        got = tiny_model.generate(codes, prompt_lookup_num_tokens=k, **kw)
         st_ = got.stats[0]
         assert 0 <= st_.accepted_codes <= st_.draft_codes and want.stats[0].draft_codes == 0
         accepted += st_.accepted_codes
@@ -148,56 +137,56 @@ def test_greedy_with_prompt_lookup_is_greedy(model, htok, stdlib_files, k):
             assert torch.equal(torch.isfinite(a), torch.isfinite(b))
             assert torch.allclose(a[torch.isfinite(a)], b[torch.isfinite(b)], atol=1e-5, rtol=0)
         # the state left behind continues exactly like plain greedy's
-        more = htok.encode_continuation("\n# more\n", got)
-        a = model.generate(**more, past=got, max_new_tokens=5, eos_token_id=[])
-        b = model.generate(**more, past=want, max_new_tokens=5, eos_token_id=[])
+        more = tiny_htok.encode_continuation("\n# more\n", got)
+        a = tiny_model.generate(**more, past=got, max_new_tokens=5, eos_token_id=[])
+        b = tiny_model.generate(**more, past=want, max_new_tokens=5, eos_token_id=[])
         assert torch.equal(a, b)
     assert identical >= len(texts) - 1  # ties are rare: this compares, it does not excuse
     assert accepted > 0  # some drafts were right: the look-ahead path really ran
 
 
-def test_stopping_inside_an_accepted_draft_stops_where_greedy_stops(model, htok, stdlib_files):
+def test_stopping_inside_an_accepted_draft_stops_where_greedy_stops(tiny_model, tiny_htok, stdlib_files):
     compared = 0
     for text in [PROMPT] + [path.read_text(encoding="utf-8")[:400] for path in stdlib_files[:3]]:
-        codes = htok(text, return_tensors="pt")["input_ids"]
+        codes = tiny_htok(text, return_tensors="pt")["input_ids"]
         kw = dict(max_new_tokens=30, return_dict_in_generate=True, output_logits=True)
-        plain = model.generate(codes, eos_token_id=[], **kw)
+        plain = tiny_model.generate(codes, eos_token_id=[], **kw)
         base_ids = [c for c in plain.new_codes[0][3:] if c < V]
         if not base_ids:
             continue
         # an id greedy writes after a few steps: as eos it must end the sequence at its first use
-        want = model.generate(codes, eos_token_id=[base_ids[0]], **kw)
-        got = model.generate(codes, eos_token_id=[base_ids[0]], prompt_lookup_num_tokens=6, **kw)
+        want = tiny_model.generate(codes, eos_token_id=[base_ids[0]], **kw)
+        got = tiny_model.generate(codes, eos_token_id=[base_ids[0]], prompt_lookup_num_tokens=6, **kw)
         if same_greedy(got, want):
             assert got.stats[0].finish_reason == want.stats[0].finish_reason == "eos"
             compared += 1
-        want = model.generate(codes, max_new_base_tokens=9, eos_token_id=[], **kw)
-        got = model.generate(codes, max_new_base_tokens=9, eos_token_id=[], prompt_lookup_num_tokens=6, **kw)
+        want = tiny_model.generate(codes, max_new_base_tokens=9, eos_token_id=[], **kw)
+        got = tiny_model.generate(codes, max_new_base_tokens=9, eos_token_id=[], prompt_lookup_num_tokens=6, **kw)
         if same_greedy(got, want):
             assert len(got.new_base_ids[0]) <= 9 and got.stats[0].finish_reason == want.stats[0].finish_reason
             compared += 1
     assert compared >= 4
 
 
-def test_greedy_with_prompt_lookup_under_a_base_budget_is_greedy(model, htok):
+def test_greedy_with_prompt_lookup_under_a_base_budget_is_greedy(tiny_model, tiny_htok):
     """A draft that was read and dropped must not change what the budget allows next (a regression: the
     draft's entry lengths stayed in the table and barred the legal next id once the budget got short)."""
-    codes = htok("import os\nimport sys\nimport os\nimport sys\n", return_tensors="pt")["input_ids"]
+    codes = tiny_htok("import os\nimport sys\nimport os\nimport sys\n", return_tensors="pt")["input_ids"]
     for budget in range(1, 13):
         kw = dict(max_new_tokens=budget, max_new_base_tokens=budget, eos_token_id=[], return_dict_in_generate=True)
-        want = model.generate(codes, **kw)
-        got = model.generate(codes, prompt_lookup_num_tokens=4, **kw)
+        want = tiny_model.generate(codes, **kw)
+        got = tiny_model.generate(codes, prompt_lookup_num_tokens=4, **kw)
         assert got.new_codes == want.new_codes, budget
 
 
-def test_sampling_with_prompt_lookup_is_valid_and_reproducible(model, htok):
-    codes = htok(PROMPT, return_tensors="pt")["input_ids"]
+def test_sampling_with_prompt_lookup_is_valid_and_reproducible(tiny_model, tiny_htok):
+    codes = tiny_htok(PROMPT, return_tensors="pt")["input_ids"]
     kw = dict(max_new_tokens=25, do_sample=True, top_k=20, eos_token_id=[], return_dict_in_generate=True,
               prompt_lookup_num_tokens=5)
-    a = model.generate(codes, seed=3, **kw)
-    b = model.generate(codes, seed=3, **kw)
+    a = tiny_model.generate(codes, seed=3, **kw)
+    b = tiny_model.generate(codes, seed=3, **kw)
     assert a.new_codes == b.new_codes
-    decoder = model.codec.decoder_state()
+    decoder = tiny_model.codec.decoder_state()
     decoder.push(codes[0].numpy())
     assert decoder.push(np.array(a.new_codes[0])).ids.tolist() == a.new_base_ids[0]  # every code was valid
 
@@ -219,52 +208,52 @@ def test_the_acceptance_rule_keeps_the_distribution():
         accept_draft(torch.tensor([[0.5, 0.0, 0.5]]), 0)
 
 
-def read_tokens(model, tokens: list[int]):
-    codes = model.codec.encode(tokens)[None]
-    session = model.new_session(1)
+def read_tokens(tiny_model, tokens: list[int]):
+    codes = tiny_model.codec.encode(tokens)[None]
+    session = tiny_model.new_session(1)
     with torch.no_grad():
         session.feed(codes, np.ones_like(codes))
     return session
 
 
-def test_prompt_lookup_drafts_the_codes_that_followed_the_last_codes_before(model):
+def test_prompt_lookup_drafts_the_codes_that_followed_the_last_codes_before(tiny_model):
     a, b, d, x = 1300, 1301, 1303, 1320  # ordinary text tokens (low ids are special tokens: never merged)
-    session = read_tokens(model, [a, b, 1302, d, x, a, b, d, a, b])
+    session = read_tokens(tiny_model, [a, b, 1302, d, x, a, b, d, a, b])
     codes = session.history[0]
     assert codes == [a, b, 1302, d, x, V, d, V]  # "a b" is entry V, used twice
-    lookup = PromptLookup(model.codec, 4, max_ngram=2)
+    lookup = PromptLookup(tiny_model.codec, 4, max_ngram=2)
     # "d (a b)" never occurred before, "(a b)" did at 5: the codes that followed it are the draft, as written
     assert lookup(session, limit=10) == [d, V]
     assert lookup(session, limit=1) == [d]
     assert lookup(session, limit=0) == []
 
 
-def test_prompt_lookup_falls_back_to_tokens_encoded_with_the_live_codebook(model):
+def test_prompt_lookup_falls_back_to_tokens_encoded_with_the_live_codebook(tiny_model):
     a, b, c, d, x = 1300, 1301, 1302, 1303, 1320
-    session = read_tokens(model, [a, b, c, d, x, c, d])
+    session = read_tokens(tiny_model, [a, b, c, d, x, c, d])
     codes = session.history[0]
     assert codes[-1] >= V and codes.count(codes[-1]) == 1  # "c d" is a hypertoken used once: no code matches
-    lookup = PromptLookup(model.codec, 4, max_ngram=3)
+    lookup = PromptLookup(tiny_model.codec, 4, max_ngram=3)
     draft = lookup(session, limit=10)
     # the tokens "c d" occurred at 2..3, followed by "x c d": written with the live codebook ("x c" is an entry)
-    assert draft == model.codec.encode_continuation([x, c, d], session.decoders[0])
+    assert draft == tiny_model.codec.encode_continuation([x, c, d], session.decoders[0])
     assert session.decoders[0].copy().push(np.array(draft)).ids.tolist() == [x, c, d]
     assert len(draft) == 2 and draft[0] >= V
-    assert lookup(read_tokens(model, [a, b, c]), limit=5) == []  # nothing occurred before
+    assert lookup(read_tokens(tiny_model, [a, b, c]), limit=5) == []  # nothing occurred before
 
 
-def test_prompt_lookup_bad_options_name_the_argument(model, htok):
-    codes = htok(PROMPT, return_tensors="pt")["input_ids"]
+def test_prompt_lookup_bad_options_name_the_argument(tiny_model, tiny_htok):
+    codes = tiny_htok(PROMPT, return_tensors="pt")["input_ids"]
     with pytest.raises(ConfigError, match=re.escape("prompt_lookup_num_tokens must be an int >= 1, got 0")):
-        model.generate(codes, prompt_lookup_num_tokens=0)
+        tiny_model.generate(codes, prompt_lookup_num_tokens=0)
     with pytest.raises(ConfigError, match=re.escape("max_matching_ngram_size must be an int >= 1, got 'x'")):
-        model.generate(codes, prompt_lookup_num_tokens=2, max_matching_ngram_size="x")
+        tiny_model.generate(codes, prompt_lookup_num_tokens=2, max_matching_ngram_size="x")
     with pytest.raises(ConfigError, match="prompt_lookup_num_tokens drafts for one sequence: input_ids has 2 rows"):
-        model.generate(torch.cat([codes, codes]), prompt_lookup_num_tokens=2)
+        tiny_model.generate(torch.cat([codes, codes]), prompt_lookup_num_tokens=2)
 
 
-def test_read_ahead_rejects_a_bad_draft_and_keeps_the_session(model, htok):
-    session = prompt_session(model, htok)
+def test_read_ahead_rejects_a_bad_draft_and_keeps_the_session(tiny_model, tiny_htok):
+    session = prompt_session(tiny_model, tiny_htok)
     before = (session.decoders[0].copy(), list(session.books[0]), session.mask.shape[1])
     bad = V + 63  # no such entry yet
     with pytest.raises(InvalidCodeError, match=re.escape("draft[1]: ")):
@@ -282,12 +271,12 @@ def test_read_ahead_rejects_a_bad_draft_and_keeps_the_session(model, htok):
         assert session.advance().shape == (1, V + 64)
 
 
-def test_an_invalid_code_in_a_later_row_leaves_every_row_as_it_was(model, htok):
+def test_an_invalid_code_in_a_later_row_leaves_every_row_as_it_was(tiny_model, tiny_htok):
     """A batch is pushed all or nothing: the rows before the bad one give back their entries and tokens."""
-    good = htok(PROMPT, return_tensors="np")["input_ids"][:, :12]
+    good = tiny_htok(PROMPT, return_tensors="np")["input_ids"][:, :12]
     bad = good.copy()
     bad[0, 5] = V + 63  # not an entry yet
-    session = model.new_session(2)
+    session = tiny_model.new_session(2)
     with pytest.raises(InvalidCodeError, match=re.escape("input_ids[1][5]: ")):
         session.feed(np.concatenate([good, bad]), np.ones((2, 12), np.int64))
     assert session.books == [[], []] and session.tokens == [[], []] and session.history == [[], []]

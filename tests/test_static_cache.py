@@ -14,29 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from hypervocab import HyperConfig, HyperTokenizer
 from hypervocab.errors import ConfigError, InputTypeError
 
-from .models import V, make
+from .models import V
 
 TEXT = ("def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\n"
         "def sub(a, b):\n    return a - b\n\ndef add(a, b):\n    return a + b\n\ndef")
 
 
-@pytest.fixture(scope="module")
-def htok(smollm2_tokenizer):
-    return HyperTokenizer.from_base(smollm2_tokenizer, HyperConfig(max_codebook_size=64, max_subtokens=4))
-
-
-@pytest.fixture(scope="module", params=["base", "compressed"])
-def model(request, smollm2_tokenizer):
-    return make("llama", smollm2_tokenizer, position_mode=request.param)
-
-
-def run(model, htok, **kw):
-    codes = htok(TEXT, return_tensors="pt")["input_ids"]
+def run(tiny_model, tiny_htok, **kw):
+    codes = tiny_htok(TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        return model.generate(codes, max_new_tokens=40, max_new_base_tokens=60, eos_token_id=[],
+        return tiny_model.generate(codes, max_new_tokens=40, max_new_base_tokens=60, eos_token_id=[],
                               return_dict_in_generate=True, output_logits=True, **kw)
 
 
@@ -48,17 +37,17 @@ def assert_same_run(got, want):
         torch.testing.assert_close(a[finite], b[finite], atol=1e-5, rtol=1e-5)
 
 
-def test_a_static_run_writes_what_a_dynamic_run_writes(model, htok):
-    want = run(model, htok)
-    got = run(model, htok, cache_implementation="static")
+def test_a_static_run_writes_what_a_dynamic_run_writes(tiny_model, tiny_htok):
+    want = run(tiny_model, tiny_htok)
+    got = run(tiny_model, tiny_htok, cache_implementation="static")
     assert_same_run(got, want)
     st = got.stats[0]
     assert st.hypertokens > 0 and st.codes > 20  # hypertokens were written and read on the static path
 
 
-def test_the_static_step_keeps_its_tensors_where_they_are(model, htok):
-    codes = htok(TEXT, return_tensors="np")["input_ids"]
-    session = model.new_session(1, max_length=codes.shape[1] + 30, compiled=False)
+def test_the_static_step_keeps_its_tensors_where_they_are(tiny_model, tiny_htok):
+    codes = tiny_htok(TEXT, return_tensors="np")["input_ids"]
+    session = tiny_model.new_session(1, max_length=codes.shape[1] + 30, compiled=False)
     with torch.no_grad():
         logits, _, _ = session.feed(codes, np.ones_like(codes))
         st = session.static
@@ -72,39 +61,39 @@ def test_the_static_step_keeps_its_tensors_where_they_are(model, htok):
         assert {name: t.data_ptr() for name, t in (("in", session.in_table), ("out", session.out_table),
                                                    ("cand", session.cand), ("ok", session.cand_ok))} == ptrs
         assert (layer.keys.data_ptr(), layer.values.data_ptr()) == kv and st.context is context
-        assert session.in_table.shape[1] == model.codec.max_codebook_size and int(session.count[0]) > 0
+        assert session.in_table.shape[1] == tiny_model.codec.max_codebook_size and int(session.count[0]) > 0
         with pytest.raises(InputTypeError, match=re.escape(f"this static session's cache holds "
                                                            f"{codes.shape[1] + 30} codes")):
             for _ in range(10):
                 _, logits = session.step([int(logits.argmax())])
 
 
-def test_the_step_compiles_to_one_graph_that_every_later_step_reuses(model, htok):
+def test_the_step_compiles_to_one_graph_that_every_later_step_reuses(tiny_model, tiny_htok):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    want = run(model, htok, cache_implementation="static", compile=False)
+    want = run(tiny_model, tiny_htok, cache_implementation="static", compile=False)
     # the "eager" backend: dynamo's trace and guards, without inductor's code generation (minutes on a CPU)
-    got = run(model, htok, cache_implementation="static", compile="eager")
+    got = run(tiny_model, tiny_htok, cache_implementation="static", compile="eager")
     assert_same_run(got, want)
     # one frame traced as one graph (fullgraph=True: a break would have raised), and 39 more steps reused it
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-def test_continuing_after_a_static_run_is_continuing_after_a_dynamic_one(model, htok):
-    want, got = run(model, htok), run(model, htok, cache_implementation="static")
-    more = htok.encode_continuation("\n# and more\n", want)
+def test_continuing_after_a_static_run_is_continuing_after_a_dynamic_one(tiny_model, tiny_htok):
+    want, got = run(tiny_model, tiny_htok), run(tiny_model, tiny_htok, cache_implementation="static")
+    more = tiny_htok.encode_continuation("\n# and more\n", want)
     with torch.no_grad():
-        a = model.generate(**more, past=want, max_new_tokens=8, eos_token_id=[])
-        b = model.generate(**htok.encode_continuation("\n# and more\n", got), past=got, max_new_tokens=8,
+        a = tiny_model.generate(**more, past=want, max_new_tokens=8, eos_token_id=[])
+        b = tiny_model.generate(**tiny_htok.encode_continuation("\n# and more\n", got), past=got, max_new_tokens=8,
                            eos_token_id=[])
     assert torch.equal(a, b)
 
 
-def test_static_options_are_checked(model, htok, smollm2_tokenizer):
-    codes = htok(TEXT, return_tensors="pt")["input_ids"]
+def test_static_options_are_checked(tiny_model, tiny_htok, smollm2_tokenizer):
+    codes = tiny_htok(TEXT, return_tensors="pt")["input_ids"]
     cases = [
         (dict(cache_implementation="paged"), "cache_implementation must be 'dynamic' or 'static', got 'paged'"),
         (dict(cache_implementation="static", prompt_lookup_num_tokens=4),
@@ -115,18 +104,18 @@ def test_static_options_are_checked(model, htok, smollm2_tokenizer):
     ]
     for kw, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
-            model.generate(codes, max_new_tokens=2, **kw)
+            tiny_model.generate(codes, max_new_tokens=2, **kw)
     two = torch.cat([codes, codes])
     with pytest.raises(ConfigError, match=re.escape("cache_implementation='static' runs one sequence: input_ids "
                                                     "has 2 rows")):
-        model.generate(two, max_new_tokens=2, cache_implementation="static")
-    out = model.generate(codes, max_new_tokens=2, return_dict_in_generate=True)
+        tiny_model.generate(two, max_new_tokens=2, cache_implementation="static")
+    out = tiny_model.generate(codes, max_new_tokens=2, return_dict_in_generate=True)
     with pytest.raises(ConfigError, match=re.escape("cache_implementation='static' starts a new sequence")):
-        model.generate(past=out, max_new_tokens=2, cache_implementation="static")
+        tiny_model.generate(past=out, max_new_tokens=2, cache_implementation="static")
     with pytest.raises(InputTypeError, match=re.escape("a static session holds one sequence (max_length given), "
                                                        "got batch_size=2")):
-        model.new_session(2, max_length=10)
-    session = model.new_session(1, max_length=codes.shape[1] + 4)
+        tiny_model.new_session(2, max_length=10)
+    session = tiny_model.new_session(1, max_length=codes.shape[1] + 4)
     with torch.no_grad():
         logits, _, _ = session.feed(codes.numpy(), np.ones(codes.shape, np.int64))
         session.append([int(logits.argmax())])
