@@ -23,7 +23,7 @@ from .sampling import CodeSampler
 from .session import HyperSession, attention_mask_of
 from .speculative import DraftReader, PromptLookup
 
-__all__ = ["GenerationOutput", "GenerationState", "SequenceStats", "generate"]
+__all__ = ["GenerationOutput", "GenerationState", "SequenceStats", "default_eos", "generate"]
 
 
 @dataclass
@@ -135,7 +135,8 @@ def _check_options(V: int, max_new_tokens: Any, max_new_base_tokens: Any, do_sam
     return [int(e) for e in eos], list(stops)
 
 
-def _default_eos(model: Any) -> list[int] | int | None:
+def default_eos(model: Any) -> list[int] | int | None:
+    """The base model's end-of-sequence id(s), from its generation config or its config (``None``: none)."""
     for cfg in (getattr(model.base, "generation_config", None), getattr(model.base, "config", None)):
         eos = getattr(cfg, "eos_token_id", None)
         if eos is not None:
@@ -204,7 +205,7 @@ def generate(
         model.codec, prompt_lookup_num_tokens, max_ngram=3 if max_matching_ngram_size is None
         else max_matching_ngram_size))
     eos, stops = _check_options(V, max_new_tokens, max_new_base_tokens, do_sample, temperature, top_k, top_p,
-                                repetition_penalty, _default_eos(model) if eos_token_id is None else eos_token_id,
+                                repetition_penalty, default_eos(model) if eos_token_id is None else eos_token_id,
                                 stop_strings, tokenizer, streamer, seed, generator)
     session: HyperSession | None  # None once every sequence has finished
     session, ids, mask = _start(model, input_ids, attention_mask, past,

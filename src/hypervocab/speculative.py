@@ -12,7 +12,7 @@ for sampling :func:`accept_draft` keeps the output distribution exactly that of 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -21,7 +21,6 @@ from .codec import LZWCodec
 from .errors import InputTypeError, check_int
 
 if TYPE_CHECKING:
-    from .sampling import CodeSampler
     from .session import HyperSession
 
 __all__ = ["DraftReader", "PromptLookup", "accept_draft"]
@@ -119,6 +118,15 @@ class PromptLookup:
         return self.codec.encode_continuation(follow, session.decoders[0], known=self._known, max_codes=k)
 
 
+class Chooser(Protocol):
+    """What :class:`DraftReader` needs of a sampler (:class:`~hypervocab.sampling.CodeSampler` is one)."""
+
+    def __call__(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None) -> list[int]: ...
+
+    def choose_draft(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None,
+                     draft: int) -> int: ...
+
+
 class DraftReader:
     """How each step's codes are read: one step at a time, or with prompt lookup, drafts read ahead.
 
@@ -136,7 +144,7 @@ class DraftReader:
         self.drafted = 0  # codes in the draft being checked
         self.draft_codes = self.accepted_codes = 0
 
-    def choose(self, sampler: CodeSampler, logits: torch.Tensor, session: HyperSession,
+    def choose(self, sampler: Chooser, logits: torch.Tensor, session: HyperSession,
                budget: np.ndarray | None) -> list[int]:
         """The step's codes; where a draft proposes one, by the rule that keeps greedy and sampled output."""
         if session.ahead:

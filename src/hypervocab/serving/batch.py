@@ -171,12 +171,12 @@ class RunningBatch:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, prompt_lookup: int = 0) -> None:
-        from ..generation import _default_eos
+        from ..generation import default_eos
         from ..sampling import CodeSampler
 
         self.model, self.tokenizer = model, tokenizer
         self.V = model.codec.base_vocab_size
-        eos = _default_eos(model)
+        eos = default_eos(model)
         self.eos = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
         self.prompt_lookup = prompt_lookup
         self.rows: list[_Row] = []
