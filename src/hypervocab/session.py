@@ -15,9 +15,8 @@ stays valid while the codebooks grow.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, fields
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ import torch
 from .codec import DecoderState
 from .embedding import HeadContext
 from .errors import InputTypeError, InvalidCodeError, check_int
+from .kv_cache import cache_argument, growing, merged_cache
 from .positions import position_ids
 
 __all__ = ["HyperSession", "attention_mask_of"]
@@ -322,8 +322,8 @@ class HyperSession:
         if self.cache is None:
             from transformers import DynamicCache
 
-            self.cache = _growing(DynamicCache(config=model.base.config))
-        name = _cache_argument()
+            self.cache = growing(DynamicCache(config=model.base.config))
+        name = cache_argument()
         try:
             out = model.base(input_ids=torch.as_tensor(codes, device=dev), attention_mask=self.mask,
                              position_ids=torch.as_tensor(pos, device=dev), use_cache=True, logits_to_keep=keep,
@@ -342,16 +342,16 @@ class HyperSession:
         st, model, dev = self.static, self.model, self.device
         full = torch.zeros(self.batch_size, st.max_length, dtype=torch.long, device=dev)
         full[:, : self.mask.shape[1]] = self.mask
-        codes_t, pos_t, name = torch.as_tensor(codes, device=dev), torch.as_tensor(pos, device=dev), _cache_argument()
+        codes_t, pos_t = torch.as_tensor(codes, device=dev), torch.as_tensor(pos, device=dev)
         for row in self.unread:
             row.clear()
         if codes.shape[1] == 1 and keep == 1:  # a decode step: the step's own context holds cand / cand_ok
-            return st(model, codes_t, full, pos_t, visible[:, -1], self.in_table, name)[:, None]
+            return st(model, codes_t, full, pos_t, visible[:, -1], self.in_table)[:, None]
         emb, head = model.embedding, model.head
         emb.table, head.context = self.in_table, HeadContext(self.out_table, visible, cand, cand_ok)
         try:
             out = model.base(input_ids=codes_t, attention_mask=full, position_ids=pos_t, use_cache=True,
-                             logits_to_keep=keep, **{name: self.cache})
+                             logits_to_keep=keep, **{cache_argument(): self.cache})
         finally:
             emb.table, head.context = None, None
         return out.logits
@@ -591,94 +591,9 @@ class HyperSession:
             ready[p.index, : p.in_ready.shape[1]] = p.in_ready
         return cls(first.model, np.arange(B), lists("decoders"), lists("books"), cat("in_table", cap),
                    cat("out_table", cap), cat("lengths", cap), arrays("count"), arrays("base_len"),
-                   arrays("code_len"), cat("cand"), cat("cand_ok"), cat("mask", S), _merged_cache(parts, order, S),
-                   lists("unread"), seen, ready, lists("cand_phrase"), lists("tokens"),
-                   lists("history"))
-
-
-def _merged_cache(parts: list[HyperSession], order: np.ndarray, S: int) -> Any:
-    """The parts' KV caches as one: each padded on the right to ``S`` (masked out), rows put back in ``order``."""
-    from transformers import DynamicCache
-
-    layer_lists = []
-    for p in parts:
-        if isinstance(p.cache, list):
-            layer_lists.append(p.cache)
-        else:
-            layer_lists.append([(layer.keys, layer.values) if getattr(layer, "keys", None) is not None
-                                and layer.keys.numel() else None for layer in p.cache.layers])
-    data = []
-    o = torch.as_tensor(order)
-    for li in range(len(layer_lists[0])):
-        ks, vs = [], []
-        for layers in layer_lists:
-            k, v = layers[li]
-            n = S - k.shape[2]  # the longest mask is at least as long as any layer's cache
-            if n > 0:
-                k = torch.cat([k, k.new_zeros(k.shape[:2] + (n,) + k.shape[3:])], 2)
-                v = torch.cat([v, v.new_zeros(v.shape[:2] + (n,) + v.shape[3:])], 2)
-            ks.append(k)
-            vs.append(v)
-        data.append((torch.cat(ks)[o], torch.cat(vs)[o]))
-    return _growing(DynamicCache(data))
-
-
-def _growing(cache: Any) -> Any:
-    """``cache`` with its plain dynamic layers appending in place (:func:`_growing_layer_class`)."""
-    from transformers.cache_utils import DynamicLayer
-
-    cls = _growing_layer_class()
-    for layer in cache.layers:
-        if type(layer) is DynamicLayer:
-            layer.__class__ = cls  # same state, one method more: see _growing_layer_class
-    return cache
-
-
-@functools.cache
-def _growing_layer_class() -> type:
-    """A transformers ``DynamicLayer`` whose keys and values live in a buffer with room to spare.
-
-    A plain dynamic layer concatenates a new tensor at every step, copying the whole cache: for a batch
-    of 16 rows with 500 positions that is hundreds of megabytes a step on a 30-layer model.  This one
-    writes the new positions in place and hands out views; the buffer grows by a quarter (at least 64
-    positions) when full, so appending costs what it appends.  Anything that replaces ``keys`` with a
-    tensor of its own (narrowing the batch, dropping columns) is noticed, and the next append copies it
-    into a new buffer; cropping keeps a view of the buffer, and the next append overwrites what it cut.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            kbuf: torch.Tensor | None = getattr(self, "_kbuf", None)
-            keys = cast(torch.Tensor, self.keys)  # an empty 1-D tensor before the first append
-            n, t = (keys.shape[-2] if keys.dim() == 4 else 0), key_states.shape[-2]
-            if (kbuf is None or keys.dim() != 4 or keys.data_ptr() != kbuf.data_ptr() or keys.stride() != kbuf.stride()
-                    or n + t > kbuf.shape[-2] or kbuf.shape[:2] != key_states.shape[:2]):
-                cap = n + t + max(64, (n + t) // 4)
-                kbuf = key_states.new_empty(key_states.shape[:2] + (cap,) + key_states.shape[3:])
-                vbuf = value_states.new_empty(value_states.shape[:2] + (cap,) + value_states.shape[3:])
-                if n:
-                    kbuf[:, :, :n], vbuf[:, :, :n] = keys, cast(torch.Tensor, self.values)
-                self._kbuf, self._vbuf = kbuf, vbuf
-            vbuf = self._vbuf
-            kbuf[:, :, n: n + t] = key_states
-            vbuf[:, :, n: n + t] = value_states
-            self.keys, self.values = kbuf[:, :, : n + t], vbuf[:, :, : n + t]
-            return self.keys, self.values
-
-    return GrowingLayer
-
-
-@functools.cache
-def _cache_argument() -> str:
-    """The name the base model's forward gives its KV cache: ``cache`` in recent transformers (which warn
-    about the older ``past_key_values``), ``past_key_values`` before."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+                   arrays("code_len"), cat("cand"), cat("cand_ok"), cat("mask", S),
+                   merged_cache([p.cache for p in parts], order, S), lists("unread"), seen, ready,
+                   lists("cand_phrase"), lists("tokens"), lists("history"))
 
 
 def _pad(phrases: list[tuple[int, ...]], M: int, device: torch.device) -> torch.Tensor:

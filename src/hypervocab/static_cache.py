@@ -27,15 +27,16 @@ from typing import Any
 import torch
 
 from .embedding import HeadContext
+from .kv_cache import cache_argument
 
 __all__ = ["StaticStep", "decode_function"]
 
 
 def _decode(base: Any, codes: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            cache: Any, cache_argument: str) -> torch.Tensor:
+            cache: Any, cache_name: str) -> torch.Tensor:
     """One forward of the base model over ``[B, 1]`` codes: ``[B, V + C]`` logits (tables set by the caller)."""
     out = base(input_ids=codes, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-               **{cache_argument: cache})
+               **{cache_name: cache})
     return out.logits[:, -1]
 
 
@@ -74,12 +75,12 @@ class StaticStep:
         self.function = decode_function(self.compiled, compiled if isinstance(compiled, str) else "inductor")
 
     def __call__(self, model: Any, codes: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 count: torch.Tensor, in_table: torch.Tensor, cache_argument: str) -> torch.Tensor:
+                 count: torch.Tensor, in_table: torch.Tensor) -> torch.Tensor:
         """``[B, 1]`` codes -> ``[B, V + C]`` logits; ``attention_mask`` ``[B, max_length]``, ``count`` ``[B]``."""
         self.visible.copy_(count[:, None])
         emb, head = model.embedding, model.head
         emb.table, head.context = in_table, self.context
         try:
-            return self.function(model.base, codes, attention_mask, position_ids, self.cache, cache_argument)
+            return self.function(model.base, codes, attention_mask, position_ids, self.cache, cache_argument())
         finally:
             emb.table, head.context = None, None
