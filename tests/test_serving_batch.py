@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -11,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hypervocab.errors import ConfigError
+from hypervocab.errors import ConfigError, InputTypeError
 from hypervocab.serving.batch import Finished, Job, Piece, RunningBatch
 from hypervocab.serving.engine import Engine
 from hypervocab.session import HyperSession
@@ -206,6 +207,10 @@ def test_concat_and_compact_leave_every_rows_logits_as_they_were(model, smollm2_
         c = int(singles[1][1].argmax())
         torch.testing.assert_close(joined.step([c])[1], singles[1][0].step([c])[1], atol=1e-5, rtol=1e-5)
     assert any(c >= V for s, _ in singles for c in s.history[0])  # hypertokens were read in the batch
+    with pytest.raises(InputTypeError, match=re.escape("parts must be a non-empty list of HyperSessions, got []")):
+        HyperSession.concat([])
+    with pytest.raises(InputTypeError, match="a static session holds one sequence in a cache of its own"):
+        HyperSession.concat([model.new_session(1), model.new_session(1, max_length=8)])
 
 
 def test_the_engine_batches_concurrent_requests_and_reports_the_batch_size(model, smollm2_tokenizer):

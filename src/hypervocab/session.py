@@ -550,6 +550,10 @@ class HyperSession:
         positions are each row's own), so a row reads exactly what it would read alone.  The parts are
         consumed: use only the result.
         """
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, HyperSession) for p in parts):
+            raise InputTypeError(f"parts must be a non-empty list of HyperSessions, got {parts!r:.80}")
+        if any(p.static is not None for p in parts):
+            raise InputTypeError("a static session holds one sequence in a cache of its own: it can't join others")
         if any(p.ahead for p in parts):
             raise InputTypeError("drafts read ahead are pending: drop_ahead() before joining sessions")
         n = 0

@@ -126,7 +126,7 @@ class Engine:
             took = time.monotonic() - start
             with self._lock:
                 self._current = batch.jobs
-                self._totals["run_seconds"] += took if jobs or ended or len(batch) else 0.0
+                self._totals["run_seconds"] += took
             for job, result in ended:
                 self._finish(job, result)
 
