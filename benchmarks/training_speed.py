@@ -13,10 +13,10 @@ modules, tokenized with SmolLM2), on one ``--device``.
 
 Timed: whole optimiser steps after two warm-up steps, in blocks of ``--steps`` taking turns, the device
 synchronised only at the ends of a block.  Reported: base tokens per second (median of the blocks), the
-ratio hypervocab / plain, and the model FLOPs utilisation: the model FLOPs of a step (6 x parameters per
-trained position plus the attention's 12 x layers x width x context, and 2 x parameters per base token the
-teacher reads) over the step time, against the peak a large matrix product reaches on this device in the
-same precision (measured first).
+ratio hypervocab / plain, and the model FLOPs utilisation: the FLOPs a step computes (4 x parameters per
+trained position, forward and backward, the frozen base weights getting no weight gradients; the attention's
+12 x layers x width x context; 2 x parameters per base token the teacher reads) over the step time, against
+the peak a large matrix product reaches on this device in the same precision (the best of a few).
 
     python benchmarks/training_speed.py                                  # CPU, about 5 minutes on 2 cores
     python benchmarks/training_speed.py --device cuda --batch 32 --window 1024 --compile
@@ -55,8 +55,9 @@ def stdlib_ids(tok, n_tokens: int) -> list[list[int]]:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matrix product on ``device`` in ``dtype`` (median of 5 after a warm-up)."""
-    n = 8192 if device.type == "cuda" else 1024
+    """FLOP/s of a large square matrix product on ``device`` in ``dtype`` (the best of 5 after a warm-up: a peak,
+    and on a shared machine the median of a few runs moves with the neighbours' load)."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
@@ -67,7 +68,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         _sync(device)
         if i:
             times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / min(times)
 
 
 def _sync(device: torch.device) -> None:
@@ -90,12 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute precision (auto: bfloat16 on a GPU, float32 on a CPU); trained weights stay float32")
+                   help="compute precision (auto: what training picks, bfloat16 on a GPU or a CPU with AMX or "
+                        "AVX512-BF16, else float32); trained weights stay float32")
     p.add_argument("--window", type=int, default=512, help="positions per window (default 512)")
     p.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
     p.add_argument("--steps", type=int, default=3, help="steps per timed block (default 3)")
     p.add_argument("--blocks", type=int, default=2, help="timed blocks of each run (default 2)")
     p.add_argument("--distill-weight", type=float, default=1.0, help="hypervocab's distillation weight (default 1)")
+    p.add_argument("--distill-top-k", type=int, default=64,
+                   help="teacher tokens kept by the distillation, 0 for the whole distribution (default 64)")
+    p.add_argument("--distill-fraction", type=float, default=0.5,
+                   help="share of each micro-batch's windows the teacher reads (default 0.5, the trainer's)")
+    p.add_argument("--recon-entries", type=int, default=1024, help="entries the reconstruction loss reads (1024)")
+    p.add_argument("--recon-negatives", type=int, default=4096,
+                   help="sampled ids the reconstruction scores against, 0 for the whole vocabulary (default 4096)")
+    p.add_argument("--unfused", action="store_true",
+                   help="score through autograd (hypervocab.loss.score_chunks) instead of the fused scorer")
     p.add_argument("--loader-workers", type=int, default=2, help="hypervocab's loader processes (default 2)")
     p.add_argument("--compile", action="store_true", help="compile each decoder block (both runs)")
     p.add_argument("--model", default=None, help="model folder (default: the converted SmolLM2-135M-Instruct)")
@@ -109,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         args.window, args.batch, args.steps, args.blocks = 128, 2, 1, 1
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[args.dtype]
     from peft import LoraConfig, get_peft_model
+
+    from hypervocab.loading import training_dtype
+
+    dtype, why = training_dtype(args.dtype, device)
+    print(f"computing in {str(dtype).replace('torch.', '')}: {why}", file=sys.stderr)
 
     from hypervocab import HyperConfig, HyperModel
     from hypervocab.tokenizer import load_tokenizer
@@ -139,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         for model in (plain, hyper):
             compile_blocks(model)
     cfg = TrainConfig(base_model=args.model, data=[args.model], output_dir="unused", window=args.window,
-                      batch_size=args.batch, distill_weight=args.distill_weight)
+                      batch_size=args.batch, distill_weight=args.distill_weight, distill_top_k=args.distill_top_k,
+                      distill_fraction=args.distill_fraction, recon_entries=args.recon_entries,
+                      recon_negatives=args.recon_negatives)
     objective = Objective(hyper, cfg, None if dtype == torch.float32 else dtype).to(device).train()
+    objective.fused_scoring = not args.unfused
     L, B = args.window, args.batch
     total_steps = 2 + args.steps * args.blocks
     docs = stdlib_ids(tok, total_steps * B * L * 2)
@@ -154,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                 n_base.append(w.stop - w.start)
     n = len(codes)
     windows = WindowSet(np.stack(codes), np.stack(codes), np.full(n, L), np.asarray(n_base), np.zeros(n, np.int64))
-    maker = BatchMaker(hyper.codec, position_mode="base", exact=True, score_next_id=True, recon_entries=1024,
-                       teacher=args.distill_weight > 0)
+    maker = BatchMaker(hyper.codec, position_mode="base", exact=True, score_next_id=True,
+                       recon_entries=args.recon_entries, recon_negatives=args.recon_negatives,
+                       teacher=args.distill_weight > 0, distill_fraction=args.distill_fraction)
     batches = iter(micro_batches(windows, MixtureOrder(windows, [1.0], 0), maker, batch_size=B, grad_accum=1,
                                  world=1, rank=0, seed=0, start_step=0, max_steps=total_steps,
                                  workers=args.loader_workers, pin=device.type == "cuda"))
@@ -213,17 +231,24 @@ def main(argv: list[str] | None = None) -> int:
     attn = 12 * mcfg.num_hidden_layers * mcfg.hidden_size * L  # per position, causal context ~ L
     peak = peak_flops(device, dtype)
     base_per_step = float(np.mean(n_base[: B])) * B
-    flops = {"plain": (6 * params + attn) * B * L,
-             "hyper": (6 * params + attn) * B * L + (2 * params * base_per_step if args.distill_weight > 0 else 0)}
+    # FLOPs the step computes: the base weights are frozen, so no weight gradients (forward 2N, backward 2N per
+    # trained position), the attention's forward and backward, and the teacher's forward (2N per base token read)
+    flops = {"plain": (4 * params + attn) * B * L,
+             "hyper": (4 * params + attn) * B * L
+             + (2 * params * base_per_step * args.distill_fraction if args.distill_weight > 0 else 0)}
     tokens = {"plain": B * L, "hyper": base_per_step}
+    distill = (f"distill {args.distill_weight:g} (top {args.distill_top_k or 'all'}, "
+               f"{args.distill_fraction:g} of windows)" if args.distill_weight > 0 else "no distillation")
     names = {"plain": "plain LoRA causal LM",
-             "hyper": f"hypervocab uptraining (C=1024, M=4, distill {args.distill_weight:g}, recon 0.1)"}
+             "hyper": f"hypervocab uptraining (C=1024, M=4, {distill}, recon 0.1 on {args.recon_entries} entries "
+                      f"vs {args.recon_negatives or 'all'} sampled ids{', unfused scoring' if args.unfused else ''})"}
     figures = {"args": {k: str(v) for k, v in vars(args).items()}, "rates": rates, "step_seconds": per_step,
                "warmup_seconds": warmup, "peak_flops": peak, "base_tokens_per_s": {}, "mfu": {}}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     figures["device"] = where
+    figures["dtype_reason"] = why
     lines = [f"# training_speed ({where}, {str(dtype).replace('torch.', '')}, torch {torch.__version__}"
-             f"{', compiled' if args.compile else ''})", "",
+             f"{', compiled' if args.compile else ''})", "", f"Compute dtype: {why}.", "",
              f"SmolLM2-135M-Instruct{' (random weights)' if args.random_init else ''}, LoRA r=16 on "
              f"{', '.join(TARGETS)}; batch {B} x {L} positions; stdlib Python; median of {args.blocks} blocks of "
              f"{args.steps} steps, the runs taking turns; peak {peak / 1e12:.1f} TFLOP/s measured by a matrix product.",

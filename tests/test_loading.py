@@ -143,3 +143,24 @@ def test_an_unknown_dtype_names_the_allowed_ones(dtype):
     with pytest.raises(ConfigError, match=re.escape(f"dtype must be one of {allowed} or a torch.dtype, got {dtype!r}")):
         load("no/such/model", device="cpu", dtype=dtype)
 
+
+
+def test_training_dtype_auto_is_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch):
+    """dtype "auto" for training: bfloat16 on a CPU with AMX or AVX512-BF16, float32 on one without, each with
+    its reason; an explicit dtype is taken as given."""
+    import torch
+
+    from hypervocab.loading import training_dtype
+
+    cpu = torch.device("cpu")
+    for amx, avx in ((True, False), (False, True), (True, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx: avx)
+        dtype, why = training_dtype("auto", cpu)
+        if amx or avx:
+            units = " and ".join(u for u, on in (("AMX", amx), ("AVX512-BF16", avx)) if on)
+            assert dtype == torch.bfloat16 and why == f"this CPU has {units}: bfloat16 matrix products run in hardware"
+        else:
+            assert dtype == torch.float32 and why.startswith("this CPU has neither AMX nor AVX512-BF16 (PyTorch uses")
+    assert training_dtype("bfloat16", cpu) == (torch.bfloat16, "dtype: bfloat16 was asked for")
+    assert training_dtype(None, cpu)[0] in (torch.float32, torch.bfloat16)

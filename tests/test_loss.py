@@ -139,3 +139,170 @@ def test_distillation_gradient_reaches_the_encoders(smollm2_tokenizer):
     assert float(scores.distillation) > 0
     scores.distillation.backward()
     assert any(float(g.abs().sum()) > 0 for g in encoder_grads(model))
+
+
+# ------------------------------------------------------------------------------------------ the fused scorer
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hypervocab.loss import Teacher, train_scores  # noqa: E402
+
+
+def scored(model: HyperModel, x: torch.Tensor, mask: torch.Tensor, prep: PreparedCodebooks, *,
+           teacher_hidden: torch.Tensor | None = None, rows: list[int] | None = None, top_k: int = 0,
+           weight: float = 1.0, fused: bool = True, cells: int | None = None, reference_top_k: int = 0):
+    """(scores, d loss / d hidden, output-encoder gradients) of one scoring of ``x``.
+
+    ``reference_top_k``: score with autograd over the full logits and the bucketed divergence written out
+    here (the formula the fused scorer's top-k divergence implements), instead of :func:`train_scores`.
+    """
+    model.zero_grad()
+    out = model(x, mask, codebooks=prep, compute_logits=False)
+    hidden = out.hidden_states
+    if not hidden.requires_grad:  # no hypertoken in the input: nothing before the head is trained
+        hidden.requires_grad_(True)
+    hidden.retain_grad()
+    targets = next_code_targets(x, mask)
+    first = first_tokens(prep, out.head_context.table.shape[1])
+    if reference_top_k:
+        ce, kl = bucketed_reference(model, hidden, out.head_context, targets, teacher_hidden, first, reference_top_k)
+        loss = ce + weight * kl
+        loss.backward()
+        return (loss.detach(), ce.detach(), kl.detach()), hidden.grad.clone(), encoder_grads(model)
+    teacher = None
+    if teacher_hidden is not None:
+        index = None if rows is None else torch.tensor(rows)
+        teacher = Teacher(teacher_hidden if index is None else teacher_hidden[index], index, top_k=top_k)
+    s = train_scores(model, hidden, out.head_context, targets, teacher=teacher, first=first, distill_weight=weight,
+                     chunk_cells=cells, fused=fused)
+    s.loss.backward()
+    kl = s.distillation if s.distillation is not None else torch.zeros(())
+    return (s.loss.detach(), s.cross_entropy, kl, s.hyper_correct), hidden.grad.clone(), encoder_grads(model)
+
+
+def bucketed_reference(model, hidden, context, targets, teacher_hidden, first, k):
+    """Cross-entropy and the top-k bucketed divergence over the full logits, differentiated by autograd."""
+    logp = model.score(hidden, context).float().log_softmax(-1)
+    valid = targets != -100
+    ce = -(logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid).sum()
+    marg = _marginal(logp.exp(), V, first[0], first[1], context.visible)
+    q = model.score(teacher_hidden, None).float().softmax(-1)
+    q_top, ids = q.topk(k, -1)
+    # the rest buckets summed from their members (1 - the top's mass would be rounding noise for a peaked q)
+    q_rest = q.scatter(-1, ids, 0.0).sum(-1)
+    m_top = marg.gather(-1, ids).clamp_min(1e-30)
+    m_rest = marg.scatter(-1, ids, 0.0).sum(-1).clamp_min(1e-30)
+    kl = (torch.xlogy(q_top, q_top) - q_top * m_top.log()).sum(-1) + torch.xlogy(q_rest, q_rest) - q_rest * m_rest.log()
+    return ce, (kl * valid).sum()
+
+
+def close(got, want, what, *, floor: float = 0.0):
+    """Equal up to float32 rounding: relative to the largest entry, and within ``floor`` absolutely."""
+    scale = float(want.abs().max()) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=max(1e-5 * max(scale, 1e-6), floor),
+                               msg=lambda m: f"{what}: {m}")
+
+
+def kl_floor(x: torch.Tensor) -> float:
+    """Float32 resolution of a summed divergence: sum q log q - sum q log m over 49k ids rounds to about 1e-6
+    nats per position, which matters only where both distributions are near uniform (a KL near 0)."""
+    return 2e-6 * x.numel()
+
+
+MODES = [("exact", True), ("none", True), ("none", False)]
+
+
+def drawn_batch(data, tok):
+    """A model, a two-row batch of real text (the second left-padded), its codebooks and a peaky teacher."""
+    arch = data.draw(st.sampled_from(["llama", "gemma3"]), label="arch")
+    mode, next_id = data.draw(st.sampled_from(MODES), label="codebook_mask, score_next_id")
+    C = data.draw(st.sampled_from([64, 8, 0]), label="max_codebook_size")
+    model = make(arch, tok, codebook_mask=mode, score_next_id=next_id, max_codebook_size=C).train()
+    cap = data.draw(st.sampled_from([None, 4.0]), label="final_logit_softcapping")
+    model.base.config.final_logit_softcapping = cap
+    ids = tok(TEXT)["input_ids"]
+    rows = []
+    for r in range(2):
+        s = data.draw(st.integers(0, 300), label=f"start {r}")
+        rows.append(model.codec.encode(ids[s: s + data.draw(st.integers(2, 160), label=f"length {r}")]))
+    T = max(len(r) for r in rows)
+    x = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, c in enumerate(rows):
+        x[i, T - len(c):] = torch.as_tensor(c)
+        mask[i, T - len(c):] = 1
+    prep = PreparedCodebooks.from_codes(model.codec, x, exact=mode == "exact", score_next_id=next_id)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="teacher seed"))
+    # tied embeddings of std 0.02: a teacher hidden state of norm ~100 gives a peaked, real-looking distribution
+    teacher = torch.randn(2, T, 32, generator=g) * data.draw(st.sampled_from([1.0, 20.0]), label="teacher scale")
+    return model, x, mask, prep, teacher
+
+
+@settings(max_examples=12, deadline=None)  # each example scores twice, forward and backward, over 49k ids
+@given(data=st.data())
+def test_fused_scoring_equals_autograd_scoring(smollm2_tokenizer, data):
+    """Cross-entropy, the exact distillation (top_k=0) and every gradient equal the autograd reference, for
+    any chunking, soft-capping, codebook mode, codebook size and subset of windows the teacher reads."""
+    model, x, mask, prep, teacher = drawn_batch(data, smollm2_tokenizer)
+    rows = data.draw(st.sampled_from([None, [0], [1], [0, 1]]), label="teacher rows")
+    use_teacher = data.draw(st.booleans(), label="teacher")
+    weight = data.draw(st.sampled_from([0.5, 3.0]), label="distill weight")
+    cells = data.draw(st.sampled_from([1, 3 * (V + 64) * 2, None]), label="chunk cells")
+    kw = dict(teacher_hidden=teacher if use_teacher else None, rows=rows, weight=weight, cells=cells)
+    got, g_hidden, g_enc = scored(model, x, mask, prep, **kw)
+    want, w_hidden, w_enc = scored(model, x, mask, prep, fused=False, **kw)
+    for name, a, b in zip(("loss", "cross-entropy", "distillation"), got, want):
+        close(a, b, name, floor=kl_floor(x))
+    assert int(got[3]) == int(want[3])  # hypertoken targets scored highest (no ties in random float logits)
+    close(g_hidden, w_hidden, "d/d hidden")
+    assert len(g_enc) == len(w_enc)
+    for a, b in zip(g_enc, w_enc):
+        close(a, b, "d/d output encoder")
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_bucketed_distillation_is_the_coarsened_divergence_and_never_exceeds_the_exact_one(smollm2_tokenizer, data):
+    """Top-k: the KL divergence of the two distributions coarsened to the teacher's k top tokens plus one
+    bucket for the rest (value and gradients as autograd computes them from the full logits), at most the
+    exact divergence (the data-processing inequality), and equal to it when k covers the vocabulary."""
+    model, x, mask, prep, teacher = drawn_batch(data, smollm2_tokenizer)
+    k = data.draw(st.sampled_from([1, 5, 64]), label="top_k")
+    got, g_hidden, g_enc = scored(model, x, mask, prep, teacher_hidden=teacher, top_k=k, weight=2.0)
+    want, w_hidden, w_enc = scored(model, x, mask, prep, teacher_hidden=teacher, weight=2.0, reference_top_k=k)
+    for name, a, b in zip(("loss", "cross-entropy", "bucketed distillation"), got, want):
+        close(a, b, name, floor=kl_floor(x))
+    close(g_hidden, w_hidden, "d/d hidden")
+    for a, b in zip(g_enc, w_enc):
+        close(a, b, "d/d output encoder")
+    exact = scored(model, x, mask, prep, teacher_hidden=teacher, top_k=0)[0][2]
+    assert float(got[2]) <= float(exact) * (1 + 1e-5) + kl_floor(x)
+    whole = scored(model, x, mask, prep, teacher_hidden=teacher, top_k=V)[0][2]
+    close(whole, exact, "top_k = V", floor=kl_floor(x))
+
+
+def test_a_trainable_head_is_scored_through_autograd(smollm2_tokenizer):
+    """A head with trainable weights cannot be fused (its weight gradient would be lost): the scorer falls back."""
+    from hypervocab.loss import fusable
+
+    model = make("llama", smollm2_tokenizer).train()
+    x, mask, _ = batch(model, smollm2_tokenizer)
+    prep = PreparedCodebooks.from_codes(model.codec, x)
+    assert fusable(model)
+    model.head.base.weight.requires_grad_(True)
+    assert not fusable(model)
+    scores, _, _ = scored(model, x, mask, prep)
+    assert model.head.base.weight.grad is not None and float(model.head.base.weight.grad.abs().sum()) > 0
+    model.head.base.weight.requires_grad_(False)
+    model.head.base.weight.grad = None
+    close(scored(model, x, mask, prep)[0][1], scores[1], "cross-entropy")
+
+
+def test_train_scores_refuses_a_teacher_without_first_tokens(smollm2_tokenizer):
+    model = make("llama", smollm2_tokenizer)
+    x, mask, _ = batch(model, smollm2_tokenizer)
+    out = model(x, mask, compute_logits=False)
+    with pytest.raises(InputTypeError, match=r"train_scores: a teacher needs first= \(first_tokens of the batch\)"):
+        train_scores(model, out.hidden_states, out.head_context, next_code_targets(x, mask),
+                     teacher=Teacher(out.hidden_states))

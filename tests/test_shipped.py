@@ -153,3 +153,33 @@ def test_requests_batched_together_write_what_each_writes_alone_on_the_shipped_m
     sizes = drive(RunningBatch(model, tok), [(at, j) for at, j, _ in jobs])
     assert max(sizes) == 4
     assert [out.summary() for _, _, out in jobs] == want
+
+
+def test_the_top_64_distillation_holds_most_of_the_exact_divergence_on_real_text(shipped):
+    """With SmolLM2 as the teacher on held-out code, the bucketed divergence the trainer uses (the teacher's top 64
+    tokens and one bucket) is at most the exact one and holds most of it: measured 0.93 to 0.96 of it, the teacher
+    keeping 8-9% of its mass outside its top 64 (16 tokens: 0.88-0.93; 256: 0.97-0.98)."""
+    from hypervocab.codebook import PreparedCodebooks
+    from hypervocab.loss import Teacher, first_tokens, next_code_targets, train_scores
+
+    model, htok = shipped
+    codec = model.codec
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    for name in HELD_OUT:
+        ids = htok.tokenizer((lib / name).read_text(encoding="utf-8")[:6000], add_special_tokens=False)["input_ids"]
+        base = torch.tensor([ids[:700]])
+        codes = torch.as_tensor(codec.encode(base[0]))[None]
+        prep = PreparedCodebooks.from_codes(codec, codes)
+        with torch.no_grad():
+            out = model(codes, codebooks=prep, compute_logits=False)
+            with model.disable_adapter():
+                teacher = model(base, compute_logits=False, codebooks=PreparedCodebooks.base_only(
+                    base, base_vocab_size=codec.base_vocab_size, max_subtokens=codec.max_subtokens)).hidden_states
+            ends = prep.lengths.cumsum(1) - 1
+            teacher = teacher.gather(1, ends.unsqueeze(-1).expand(-1, -1, teacher.shape[-1]))
+            targets = next_code_targets(codes, torch.ones_like(codes))
+            first = first_tokens(prep, out.head_context.table.shape[1])
+            kl = {k: float(train_scores(model, out.hidden_states, out.head_context, targets, first=first,
+                                        teacher=Teacher(teacher, top_k=k)).distillation) for k in (64, 0)}
+        assert 0.9 * kl[0] < kl[64] <= kl[0] * (1 + 1e-5), (name, kl)
+

@@ -55,8 +55,9 @@ def repetitive_data(tmp_path_factory):
 
 
 def config(base_dir, data, out, **kw) -> TrainConfig:
+    # float32 pinned: "auto" would compute in bfloat16 on a CPU with AMX, and these tests compare numbers
     settings = dict(base_model=str(base_dir), data=[str(data)], output_dir=str(out), window=64, batch_size=4,
-                    max_steps=12, warmup_steps=2, lr=1e-2, encoder_lr=1e-2, save_every=0, log_every=1,
+                    max_steps=12, warmup_steps=2, lr=1e-2, encoder_lr=1e-2, save_every=0, log_every=1, dtype="float32",
                     eval_fraction=0.0, hyper={"max_codebook_size": 64, "max_subtokens": 4},
                     lora={"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj", "down_proj"]})
@@ -99,16 +100,20 @@ def test_reconstruction_loss_falls_towards_zero(base_dir, repetitive_data, tmp_p
     """The input encoder (no LoRA) learns to keep every subtoken of an entry recoverable."""
     out = tmp_path / "recon"
     train(config(base_dir, repetitive_data, out, max_steps=100, lora=None, recon_weight=1.0, encoder_lr=3e-2,
-                 log_every=10), progress=False)
+                 log_every=10, recon_negatives=0), progress=False)  # over the whole vocabulary: comparable losses
     rows = [r for r in metrics(out) if "recon_loss" in r]
     assert rows[-1]["recon_loss"] < 0.2 * rows[0]["recon_loss"], rows
 
 
-def test_reconstruction_loss_alone_goes_to_near_zero(base_dir, smollm2_tokenizer):
-    """Trained on its own, the reconstruction loss recovers every subtoken of real entries almost surely."""
+@pytest.mark.parametrize("sampled", [False, True])
+def test_reconstruction_loss_alone_goes_to_near_zero(base_dir, smollm2_tokenizer, sampled):
+    """Trained on its own, the reconstruction loss recovers every subtoken of real entries almost surely; trained
+    with the corrected sampled softmax (the entries' own ids and 4096 others drawn at each step, the trainer's
+    default), the full-vocabulary loss goes nearly as low (measured: 0.09 at 150 steps; uncorrected, 0.15)."""
     import numpy as np
 
     from hypervocab.codebook import CodebookBatch
+    from hypervocab.training.batches import reconstruction_candidates
     from hypervocab.training.trainer import ReconstructionHead
 
     torch.manual_seed(0)
@@ -120,14 +125,20 @@ def test_reconstruction_loss_alone_goes_to_near_zero(base_dir, smollm2_tokenizer
     assert len(phrases) == 64 and (phrases[:, 1] >= 0).all()
     head = ReconstructionHead(model.embedding.base.weight.shape[1], model.codec.max_subtokens)
     opt = torch.optim.Adam([*model.input_encoder.parameters(), *head.parameters()], lr=1e-2)
+    table = model.embedding.base.weight.detach()
+    candidates = offsets = None
+    rng = np.random.default_rng(0)
     losses = []
     for _ in range(150):
-        loss = head.loss(model.encode_inputs(phrases), phrases, model.embedding.base.weight.detach())
+        if sampled:  # other ids drawn anew at every step, as micro-batches draw them
+            candidates, offsets = reconstruction_candidates(phrases.numpy(), V, 4096, rng)
+        loss = head.loss(model.encode_inputs(phrases), phrases, table, candidates=candidates, offsets=offsets)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
-    assert losses[0] > 5 and losses[-1] < 0.05, losses[::10]
+        with torch.no_grad():
+            losses.append(float(head.loss(model.encode_inputs(phrases), phrases, table)))  # the full loss
+    assert losses[0] > 5 and losses[-1] < (0.15 if sampled else 0.05), losses[::10]
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
@@ -203,7 +214,13 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(base_dir, r
     trained = [k for k in sa if "_encoder." in k or "lora_" in k]
     assert trained and set(trained) <= set(sb)
     for k in trained:
-        torch.testing.assert_close(sa[k], sb[k], atol=1e-4, rtol=1e-3)
+        x, y = sa[k], sb[k]
+        if k.endswith("qkv.bias"):
+            # a key bias adds the same q.b to every score of a query: softmax ignores it, its gradient is 0 up to
+            # rounding, and Adam's normalised step turns that rounding into real, order-dependent updates
+            d = x.shape[0] // 3
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
 
     # a sharded run resumes from its checkpoint to the same curve
     resumed = tmp_path / "fsdp-resumed"
@@ -245,42 +262,59 @@ def test_loader_workers_do_not_change_the_run(base_dir, repetitive_data, tmp_pat
 
 
 def test_distillation_keeps_the_model_near_its_base(base_dir, repetitive_data, tmp_path):
-    """Same tokens, with and without the distillation: with it the first-token KL from the base model is lower.
+    """Same tokens, with and without the distillation: with it the first-token KL from the base model is lower,
+    both as trained by default (the teacher's top 64 tokens and a bucket, on half the windows) and exactly (the
+    whole distribution, every window), whose logged divergence falls.
 
-    (A tiny random base model is a poor teacher and the repetitive data pulls hard, so the weight is high here.)
+    (A tiny random base model is a poor teacher and the repetitive data pulls hard, so the weight is high here.
+    Its distribution is nearly flat, so its top 64 tokens hold little mass: the bucketed term it logs is small.)
     """
     from hypervocab.evaluation.likelihood import first_token_divergence
 
     kl = {}
-    for weight in (0.0, 3.0):
-        out = tmp_path / f"d{weight}"
-        train(config(base_dir, repetitive_data, out, max_steps=30, distill_weight=weight, lr=3e-3, encoder_lr=3e-3),
-              progress=False)
+    arms = {"none": dict(distill_weight=0.0), "default": dict(distill_weight=3.0),
+            "exact": dict(distill_weight=3.0, distill_top_k=0, distill_fraction=1.0)}
+    for name, kw in arms.items():
+        out = tmp_path / name
+        train(config(base_dir, repetitive_data, out, max_steps=30, lr=3e-3, encoder_lr=3e-3, **kw), progress=False)
         model = HyperModel.from_pretrained(out).eval()
         held_out = "".join(LINES[k % len(LINES)] for k in (1, 3, 0, 2, 1, 0))
-        kl[weight] = first_token_divergence(model, HyperTokenizer.from_pretrained(out).tokenizer, [held_out])[
+        kl[name] = first_token_divergence(model, HyperTokenizer.from_pretrained(out).tokenizer, [held_out])[
             "kl_per_code"]
-    assert kl[3.0] < 0.85 * kl[0.0], kl
-    logged = [r for r in metrics(tmp_path / "d3.0") if "lm_loss" in r]
+    assert kl["default"] < 0.85 * kl["none"] and kl["exact"] < 0.85 * kl["none"], kl
+    logged = [r for r in metrics(tmp_path / "exact") if "lm_loss" in r]
     assert logged[-1]["distill_loss"] < 0.85 * logged[0]["distill_loss"]
-    assert all("distill_loss" not in r for r in metrics(tmp_path / "d0.0"))
+    assert all("distill_loss" not in r for r in metrics(tmp_path / "none"))
 
 
-def test_bfloat16_compute_keeps_the_trained_weights_float32(base_dir, repetitive_data, tmp_path):
+def test_bfloat16_compute_reaches_the_float32_loss_and_keeps_the_trained_weights_float32(base_dir, repetitive_data,
+                                                                                          tmp_path):
+    """The same run in bfloat16 and in float32 ends at held-out losses within 2% (the longer, real-text figure:
+    benchmarks/training_precision.py), and bfloat16 compute still trains and saves float32 weights."""
     from safetensors.torch import load_file
 
-    out = tmp_path / "bf16"
-    result = train(config(base_dir, repetitive_data, out, max_steps=3, dtype="bfloat16"), progress=False)
-    assert result["steps"] == 3 and all(r["lm_loss"] == r["lm_loss"] for r in metrics(out) if "lm_loss" in r)
+    eval_loss = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        result = train(config(base_dir, repetitive_data, out, max_steps=40, dtype=dtype, window=32, batch_size=4,
+                              eval_fraction=0.25, eval_batches=4, log_every=5), progress=False)
+        eval_loss[dtype] = result["eval_loss"]
+        assert result["steps"] == 40 and all(r["lm_loss"] == r["lm_loss"] for r in metrics(out) if "lm_loss" in r)
+    assert eval_loss["float32"] < 0.6 * metrics(tmp_path / "float32")[0]["lm_loss"]  # it did learn
+    assert abs(eval_loss["bfloat16"] / eval_loss["float32"] - 1) < 0.02, eval_loss
     for name in ("hypervocab_encoders.safetensors", "adapter_model.safetensors"):
-        tensors = load_file(str(out / name))
+        tensors = load_file(str(tmp_path / "bfloat16" / name))
         assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}, name
 
 
-def test_max_minutes_stops_the_loop_and_still_saves(base_dir, repetitive_data, tmp_path):
+def test_max_minutes_stops_the_loop_and_still_saves(base_dir, repetitive_data, tmp_path, capfd):
+    from hypervocab.loading import training_dtype
+
     out = tmp_path / "timed"
-    result = train(config(base_dir, repetitive_data, out, max_steps=1000, max_minutes=1e-4, log_every=100),
-                   progress=False)
+    result = train(config(base_dir, repetitive_data, out, max_steps=1000, max_minutes=1e-4, log_every=100,
+                          dtype="auto"), progress=False)
+    dtype, why = training_dtype("auto", torch.device("cpu"))
+    assert f"hypervocab train: computing in {str(dtype)[6:]} ({why})" in capfd.readouterr().err
     assert result["steps"] == 1 and result["eval_loss"] is None
     assert [r["step"] for r in metrics(out) if "lm_loss" in r] == [1]  # the last step is logged
     assert (out / "hypervocab_encoders.safetensors").is_file()
@@ -289,9 +323,99 @@ def test_max_minutes_stops_the_loop_and_still_saves(base_dir, repetitive_data, t
 def test_new_settings_are_checked_before_any_compute(base_dir, repetitive_data, tmp_path):
     with pytest.raises(ConfigError) as e:
         config(base_dir, repetitive_data, tmp_path / "o", distill_weight=-1, max_minutes=0, compile="yes",
-               loader_workers=-1, recon_entries=0)
-    for part in ["distill_weight must be a finite number >= 0.0, got -1",
+               loader_workers=-1, recon_entries=0, distill_fraction=0, distill_top_k=-1, recon_negatives=2.5)
+    for part in ["distill_fraction must be a number in (0, 1] (the share of windows the teacher reads), got 0",
+                 "distill_top_k must be an int >= 0, got -1", "recon_negatives must be an int >= 0, got 2.5",
+                 "distill_weight must be a finite number >= 0.0, got -1",
                  "max_minutes must be a number of minutes > 0, or null for no limit, got 0",
                  "compile must be true or false, got 'yes'", "loader_workers must be an int >= 0, got -1",
                  "recon_entries must be an int >= 1, got 0"]:
         assert part in str(e.value)
+
+
+def test_sampled_reconstruction_is_the_corrected_softmax_over_its_candidates(base_dir, smollm2_tokenizer):
+    """Scored against sorted candidate ids with offsets, the reconstruction loss is the cross-entropy of the logits
+    restricted to those rows, each raised by its offset; with every id a candidate it is the full loss."""
+    import numpy as np
+
+    from hypervocab.codebook import CodebookBatch
+    from hypervocab.training.batches import reconstruction_candidates
+    from hypervocab.training.trainer import ReconstructionHead
+
+    torch.manual_seed(0)
+    model = HyperModel.from_base(transformers.AutoModelForCausalLM.from_pretrained(base_dir), smollm2_tokenizer,
+                                 config(base_dir, base_dir, base_dir).hyper)
+    ids = HyperTokenizer(smollm2_tokenizer, model.config)(LINES[0] * 20 + LINES[3] * 20,
+                                                           return_tensors="pt")["input_ids"]
+    phrases = torch.as_tensor(np.unique(CodebookBatch.from_codes(model.codec, ids).phrases, axis=0))
+    head = ReconstructionHead(model.embedding.base.weight.shape[1], model.codec.max_subtokens)
+    emb, table = model.encode_inputs(phrases).detach(), model.embedding.base.weight.detach()
+    candidates, offsets = reconstruction_candidates(phrases.numpy(), V, 500, np.random.default_rng(3))
+    with torch.no_grad():
+        sampled = head.loss(emb, phrases, table, candidates=candidates, offsets=offsets)
+        # the same cross-entropy written out: logits over the candidate rows, targets renumbered into them
+        h = head.out(head.norm(head.slots(emb).view(len(phrases), model.codec.max_subtokens, -1)))
+        logits = h @ table[candidates].t() + offsets
+        where = {int(t): i for i, t in enumerate(candidates)}
+        target = torch.tensor([[where.get(int(t), -1) for t in row] for row in phrases])
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, len(candidates)), target.reshape(-1),
+                                                 ignore_index=-1)
+        torch.testing.assert_close(sampled, want)
+        full = head.loss(emb, phrases, table)
+        torch.testing.assert_close(head.loss(emb, phrases, table, candidates=torch.arange(V)), full)
+        every, zero = reconstruction_candidates(phrases.numpy(), V, V, np.random.default_rng(3))
+        assert torch.equal(every, torch.arange(V)) and not zero.any()  # drawing every other id: no correction
+        # the corrected normaliser estimates the full one: over draws the sampled loss centres on the full loss
+        draws = [float(head.loss(emb, phrases, table, candidates=c, offsets=o))
+                 for c, o in (reconstruction_candidates(phrases.numpy(), V, 4096, np.random.default_rng(s))
+                              for s in range(8))]
+        assert abs(np.mean(draws) / float(full) - 1) < 0.05, (draws, float(full))
+
+
+def test_micro_batches_sample_reconstruction_ids_and_teacher_windows(base_dir, repetitive_data, smollm2_tokenizer):
+    """recon_negatives: sorted distinct ids holding every subtoken of the sampled entries plus that many others;
+    distill_fraction: the teacher reads that share of the windows, and its view of each is that window's text.
+    Both depend only on the micro-batch's generator."""
+    import numpy as np
+
+    from hypervocab.codec import LZWCodec
+    from hypervocab.training.batches import BatchMaker
+    from hypervocab.training.data import WindowSet
+
+    codec = LZWCodec(V, 64, 4)
+    ids = smollm2_tokenizer("".join(LINES * 30))["input_ids"]
+    windows = [w.codes for w in codec.encode_windows(ids, 64)][:6]
+    n = len(windows)
+    codes = np.stack([np.pad(w, (0, 64 - len(w))) for w in windows])
+    ws = WindowSet(codes, codes, np.asarray([len(w) for w in windows]), np.full(n, 64), np.zeros(n, np.int64))
+    maker = BatchMaker(codec, position_mode="base", exact=True, score_next_id=True, recon_entries=20,
+                       recon_negatives=50, teacher=True, distill_fraction=0.5)
+    mb = maker.make(ws, np.arange(4), np.random.default_rng(7))
+    again = maker.make(ws, np.arange(4), np.random.default_rng(7))
+    assert torch.equal(mb.recon_ids, again.recon_ids) and torch.equal(mb.teacher_rows, again.teacher_rows)
+    got = mb.recon_ids.numpy()
+    own = np.unique(mb.recon_phrases.numpy()[mb.recon_phrases.numpy() >= 0])
+    assert (np.diff(got) > 0).all() and np.isin(own, got).all() and len(got) == len(own) + 50
+    is_own = np.isin(got, own)
+    assert (mb.recon_offsets.numpy()[is_own] == 0).all()
+    np.testing.assert_allclose(mb.recon_offsets.numpy()[~is_own], np.log((V - len(own)) / 50), rtol=1e-6)
+    assert mb.teacher_rows.tolist() == sorted(mb.teacher_rows.tolist()) and len(mb.teacher_rows) == 2
+    for j, b in enumerate(mb.teacher_rows.tolist()):
+        text = codec.decode(codes[b][: ws.n_codes[b]])
+        assert mb.base_ids[j, : len(text)].tolist() == list(text) and int(mb.base_mask[j].sum()) == len(text)
+    whole = BatchMaker(codec, position_mode="base", exact=True, score_next_id=True, recon_entries=20,
+                       recon_negatives=0, teacher=True).make(ws, np.arange(4), np.random.default_rng(7))
+    assert whole.recon_ids is None and whole.recon_offsets is None
+    assert whole.teacher_rows is None and whole.base_ids.shape[0] == 4
+
+
+def test_a_teacher_reading_half_the_windows_trains_and_resumes_exactly(base_dir, repetitive_data, tmp_path):
+    """distill_fraction 0.5 with sampled reconstruction ids: the run is as deterministic as any (same logs twice)."""
+    logs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        train(config(base_dir, repetitive_data, out, max_steps=4, distill_fraction=0.5, recon_negatives=64),
+              progress=False)
+        logs.append([(r["lm_loss"], r["distill_loss"], r["recon_loss"]) for r in metrics(out) if "lm_loss" in r])
+    assert len(logs[0]) == 4 and logs[0] == logs[1]
+    assert all(d > 0 for _, d, _ in logs[0])

@@ -93,6 +93,8 @@ class HeadContext:
 class HyperHead(nn.Module):
     """LM head over ``V + C`` ids: logits ``[base logits for ids < V] ++ [C hypertoken logits]``."""
 
+    scores_next_id = True  # the one new id that may legally come next is scored (HeadContext.candidates)
+
     def __init__(self, base: nn.Module, base_vocab_size: int, max_codebook_size: int) -> None:
         super().__init__()
         self.base = base

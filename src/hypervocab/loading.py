@@ -22,7 +22,7 @@ from .interop import is_public_checkpoint
 from .pretrained import DEFAULT_MODEL, shipped_dir, smollm2_base_dir
 from .tokenizer import HyperTokenizer, load_tokenizer
 
-__all__ = ["load", "resolve_device", "resolve_dtype", "DTYPES"]
+__all__ = ["load", "resolve_device", "resolve_dtype", "training_dtype", "DTYPES"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -57,6 +57,34 @@ def resolve_dtype(dtype: Any, device: Any) -> Any:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(map(repr, DTYPES))} or a torch.dtype, got {dtype!r}")
     return getattr(torch, dtype)
+
+
+def training_dtype(dtype: Any, device: Any) -> tuple[Any, str]:
+    """The compute dtype of a training run, and why: ``"auto"`` is bfloat16 where the hardware multiplies it
+    natively (a GPU that supports it; a CPU with AMX or AVX512-BF16), float32 elsewhere.
+
+    On a CPU without those units PyTorch emulates bfloat16 matrix products, tens of times slower than
+    float32 ones (measured on an AVX2 machine: 1.3 against 68 GFLOP/s).
+    """
+    import torch
+
+    if dtype is not None and dtype != "auto":
+        chosen = resolve_dtype(dtype, device)
+        return chosen, f"dtype: {str(chosen).replace('torch.', '')} was asked for"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"{name} multiplies bfloat16 natively"
+        return torch.float32, f"{name} has no bfloat16 support"
+    if device.type == "cpu":
+        probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+        units = [unit for unit, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+        if units:
+            return torch.bfloat16, f"this CPU has {' and '.join(units)}: bfloat16 matrix products run in hardware"
+        capability = torch.backends.cpu.get_cpu_capability()
+        return torch.float32, (f"this CPU has neither AMX nor AVX512-BF16 (PyTorch uses its {capability} kernels): "
+                               f"bfloat16 matrix products would be emulated, far slower than float32")
+    return torch.float32, f"bfloat16 is not chosen automatically on {device.type} devices"
 
 
 def load(name_or_path: str | Path, *, base_model: str | Path | None = None, device: Any = None, dtype: Any = None,

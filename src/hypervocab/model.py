@@ -26,7 +26,7 @@ from .errors import ConfigError, InputTypeError, InvalidCodeError
 from .generation import generate
 from .hyper_encoder import build_encoder, encoder_options
 from .interop import is_public_checkpoint, load_public_model
-from .loss import next_code_targets, score_chunks
+from .loss import next_code_targets, train_scores
 from .positions import position_ids as compute_position_ids
 from .session import HyperSession, attention_mask_of
 from .tokenizer import load_tokenizer
@@ -301,7 +301,7 @@ class HyperModel(nn.Module):
         if labels is not None:
             targets = next_code_targets(labels, mask)
             assert hidden is not None  # the head kept it (capture)
-            loss = score_chunks(self, hidden, context, targets).cross_entropy / (targets != -100).sum().clamp(min=1)
+            loss = train_scores(self, hidden, context, targets).loss / (targets != -100).sum().clamp(min=1)
         return HyperOutput(loss, None, hidden, context)
 
     def score(self, hidden: torch.Tensor, context: HeadContext | None) -> torch.Tensor:
@@ -515,6 +515,8 @@ class _InstalledRowsHead(HyperHead):
     What ``score_next_id=False`` asks for: the public zip2zip runtime scores only the entries its
     codebook holds, so a converted checkpoint must not write an id that runtime never would.
     """
+
+    scores_next_id = False
 
     def _hyper_logits(self, hidden: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
         return super()._hyper_logits(hidden, replace(ctx, candidates=None, candidate_ok=None))

@@ -95,7 +95,7 @@ class LoraSettings:
 # (name, minimum, maximum or None, what it is) for the numeric fields of TrainConfig
 _INTS = {"window": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "warmup_steps": 0, "save_every": 0,
          "log_every": 1, "eval_every": 0, "eval_batches": 1, "seed": 0, "num_workers": 1, "loader_workers": 0,
-         "recon_entries": 1}
+         "recon_entries": 1, "recon_negatives": 0, "distill_top_k": 0}
 _FLOATS = {"lr": (0.0, False), "encoder_lr": (0.0, False), "weight_decay": (0.0, True), "min_lr_ratio": (0.0, True),
            "max_grad_norm": (0.0, False), "recon_weight": (0.0, True), "next_hyper_weight": (0.0, True),
            "distill_weight": (0.0, True)}
@@ -115,13 +115,18 @@ class TrainConfig:
     warmup_steps then cosine down to ``min_lr_ratio * lr``, max_grad_norm clipping, batch_size windows per
     micro-batch and process, grad_accum micro-batches per step, max_steps optimiser steps.
     Losses: next-code cross-entropy over ``V + C`` (EOS included), plus distill_weight times the first-token
-    distillation from the frozen base model (its next-token distribution at the same text position; it
-    costs one forward without gradients), recon_weight times the reconstruction loss (on up to
-    recon_entries distinct entries per micro-batch) and next_hyper_weight times the next-is-hypertoken loss.
+    distillation from the frozen base model (its next-token distribution at the same text position, kept as
+    its distill_top_k most likely tokens and one bucket for the rest, 0: the whole distribution; it costs one
+    forward without gradients over the windows it reads, a distill_fraction of each micro-batch's),
+    recon_weight times the reconstruction loss (on up to recon_entries distinct entries per micro-batch,
+    scored against their own subtokens and recon_negatives ids drawn from the rest, a sampled softmax with its
+    usual correction; 0: the whole vocabulary) and
+    next_hyper_weight times the next-is-hypertoken loss.
     Speed: dtype is that of the frozen base weights and of the compute (trainable weights and optimiser
-    state stay float32), loader_workers processes make micro-batches ahead (0: in the training process),
-    compile compiles each decoder block with ``torch.compile``, max_minutes stops the loop after that
-    much wall time (then evaluates and saves as at the end).
+    state stay float32; ``"auto"``: bfloat16 on a GPU that has it and on a CPU with AMX or AVX512-BF16,
+    float32 elsewhere, and the run says which and why), loader_workers processes make micro-batches ahead
+    (0: in the training process), compile compiles each decoder block with ``torch.compile``, max_minutes
+    stops the loop after that much wall time (then evaluates and saves as at the end).
     Processes (under ``torchrun`` / ``accelerate launch``): distributed ``"ddp"`` (every process holds
     the whole model; gradients averaged) or ``"fsdp"`` (FSDP2: each decoder layer and the rest of the
     model sharded across processes, for models that do not fit in one device).
@@ -150,8 +155,11 @@ class TrainConfig:
     max_steps: int = 1000
     recon_weight: float = 0.1
     recon_entries: int = 256
+    recon_negatives: int = 4096
     next_hyper_weight: float = 0.0
     distill_weight: float = 1.0
+    distill_top_k: int = 64
+    distill_fraction: float = 0.5
     loader_workers: int = 2
     compile: bool = False
     max_minutes: float | None = None
@@ -238,6 +246,10 @@ class TrainConfig:
         m = self.max_minutes
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float("inf")):
             out.append(f"max_minutes must be a number of minutes > 0, or null for no limit, got {m!r}")
+        f = self.distill_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            out.append(f"distill_fraction must be a number in (0, 1] (the share of windows the teacher reads), "
+                       f"got {f!r}")
         if isinstance(self.min_lr_ratio, (int, float)) and self.min_lr_ratio > 1:
             out.append(f"min_lr_ratio must be at most 1, got {self.min_lr_ratio!r}")
         return out

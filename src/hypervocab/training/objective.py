@@ -1,13 +1,17 @@
 """What a micro-batch is trained on: next codes, the base model as teacher, and two auxiliary heads.
 
 * ``lm_loss``: cross-entropy of the next code over ``V + C`` ids, scored a chunk of positions at a time
-  (:func:`hypervocab.loss.score_chunks`), never holding the whole batch's logits.
+  with its gradient computed on the spot (:func:`hypervocab.loss.train_scores`), never holding the whole
+  batch's logits and never scoring a chunk twice.
 * ``distill_loss`` (``distill_weight``): KL divergence of the model's next-code distribution, summed onto
   the first base token of each code, from the frozen base model's next-token distribution at the same
-  text position.  The teacher is the same weights with the adapter off and no hypertokens: it costs one
-  forward without gradients over the windows' base tokens.
+  text position, kept as its ``distill_top_k`` most likely tokens and one bucket for the rest.  The
+  teacher is the same weights with the adapter off and no hypertokens: it costs one forward without
+  gradients over the base tokens of the windows it reads (a ``distill_fraction`` of them).
 * ``recon_loss`` (``recon_weight``): a small head recovers an entry's base tokens from its input
-  embedding, on up to ``recon_entries`` distinct entries of the micro-batch.
+  embedding, on up to ``recon_entries`` distinct entries of the micro-batch, scored against the
+  micro-batch's own subtokens plus ``recon_negatives`` ids drawn from the rest (a sampled softmax with the
+  usual correction: never the ``[N, M, V]`` logits).
 * ``next_hyper_loss`` (``next_hyper_weight``): whether the next code is a hypertoken, from the hidden state.
 """
 
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loss import first_tokens, next_code_targets, score_chunks
+from ..loss import Teacher, first_tokens, next_code_targets, train_scores
 from .batches import MicroBatch
 from .config import TrainConfig
 
@@ -44,25 +48,36 @@ class ReconstructionHead(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
 
-    def _sum(self, embeddings: torch.Tensor, phrases: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def _sum(self, embeddings: torch.Tensor, phrases: torch.Tensor, table: torch.Tensor,
+             offsets: torch.Tensor | None) -> torch.Tensor:
         N, M = phrases.shape
         h = self.out(self.norm(self.slots(embeddings).view(N, self.max_subtokens, -1)[:, :M]))  # [N, M, D]
-        logits = h @ table.t()  # [N, M, V]
-        return F.cross_entropy(logits.reshape(N * M, -1).float(), phrases.reshape(-1), ignore_index=-1,
-                               reduction="sum")
+        logits = (h @ table.t()).float()  # [N, M, V] (or [N, M, K] over sampled candidates)
+        if offsets is not None:
+            logits = logits + offsets
+        return F.cross_entropy(logits.reshape(N * M, -1), phrases.reshape(-1), ignore_index=-1, reduction="sum")
 
-    def loss(self, embeddings: torch.Tensor, phrases: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def loss(self, embeddings: torch.Tensor, phrases: torch.Tensor, table: torch.Tensor, *,
+             candidates: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
         """``embeddings`` [N, D], ``phrases`` [N, M] (-1 padded), ``table`` [V, D] -> mean cross-entropy per token.
 
-        Chunks of entries are checkpointed, so the ``[N, M, V]`` logits never exist at once.
+        ``candidates`` ``[K]`` (sorted base ids holding every id of ``phrases``) and ``offsets`` ``[K]``: a sampled
+        softmax over those rows of ``table`` alone, each logit raised by its offset.  An id drawn to stand for
+        ``n`` ids gets ``log n`` (the sampled-softmax correction), so that the normaliser estimates the full
+        one; with every id a candidate and no offsets it is the full loss.  Chunks of entries are
+        checkpointed, so the ``[N, M, V]`` (or ``[N, M, K]``) logits never exist at once.
         """
+        count = (phrases >= 0).sum().clamp(min=1)
+        if candidates is not None:  # targets renumbered into the candidate rows
+            phrases = torch.where(phrases >= 0, torch.searchsorted(candidates, phrases.clamp(min=0)), -1)
+            table = table[candidates]
         grad = torch.is_grad_enabled()
         total = embeddings.new_zeros((), dtype=torch.float32)
         for s in range(0, len(phrases), _RECON_CHUNK):
-            args = (embeddings[s: s + _RECON_CHUNK], phrases[s: s + _RECON_CHUNK], table)
+            args = (embeddings[s: s + _RECON_CHUNK], phrases[s: s + _RECON_CHUNK], table, offsets)
             total = total + (torch.utils.checkpoint.checkpoint(self._sum, *args, use_reentrant=False) if grad
                              else self._sum(*args))
-        return total / (phrases >= 0).sum().clamp(min=1)
+        return total / count
 
 
 class NextHyperHead(nn.Module):
@@ -83,6 +98,8 @@ class Objective(nn.Module):
     the decoder layers (the encoders, the embedding matrix, the aux heads): making the whole objective
     the root unit keeps every read inside one forward.
     """
+
+    fused_scoring = True  # False: score through autograd (hypervocab.loss.score_chunks), for comparisons
 
     def __init__(self, model: Any, config: TrainConfig, autocast: torch.dtype | None) -> None:
         super().__init__()
@@ -118,20 +135,24 @@ class Objective(nn.Module):
         if train and cfg.distill_weight > 0:
             teacher = self._teacher(batch)
             first = first_tokens(batch.codebooks, context.table.shape[1])
-        scores = score_chunks(model, hidden, context, targets, teacher_hidden=teacher, first=first)
-        lm = scores.cross_entropy / n.clamp(min=1)
-        loss = lm
-        terms = {"lm_loss": lm.detach(), "targets": n, "hyper_targets": scores.hyper_targets,
-                 "hyper_correct": scores.hyper_correct}
+        weight = cfg.distill_weight
+        if batch.teacher_rows is not None:  # the teacher read some windows: their divergence stands for all
+            weight *= batch.input_ids.shape[0] / batch.teacher_rows.shape[0]
+        scores = train_scores(model, hidden, context, targets, teacher=teacher, first=first, distill_weight=weight,
+                              fused=self.fused_scoring)
+        loss = scores.loss / n.clamp(min=1)  # the next-code loss, plus the weighted distillation
+        terms = {"lm_loss": scores.cross_entropy / n.clamp(min=1), "targets": n,
+                 "hyper_targets": scores.hyper_targets, "hyper_correct": scores.hyper_correct}
         if not train:
             return loss, terms
         if scores.distillation is not None:
-            distill = scores.distillation / n.clamp(min=1)
-            loss = loss + cfg.distill_weight * distill
-            terms["distill_loss"] = distill.detach()
+            # a mean over the positions the teacher read (all of them unless distill_fraction < 1)
+            read = n if batch.teacher_rows is None else (targets[batch.teacher_rows] != -100).sum()
+            terms["distill_loss"] = scores.distillation / read.clamp(min=1)
         if cfg.recon_weight > 0 and batch.recon_phrases is not None:
             phrases = batch.recon_phrases
-            recon = self.aux["recon"].loss(model.encode_inputs(phrases), phrases, model.embedding.base.weight)
+            recon = self.aux["recon"].loss(model.encode_inputs(phrases), phrases, model.embedding.base.weight,
+                                           candidates=batch.recon_ids, offsets=batch.recon_offsets)
             loss = loss + cfg.recon_weight * recon
             terms["recon_loss"] = recon.detach()
         if cfg.next_hyper_weight > 0:
@@ -144,10 +165,11 @@ class Objective(nn.Module):
             terms["next_hyper_loss"] = nh.detach()
         return loss, terms
 
-    def _teacher(self, batch: MicroBatch) -> torch.Tensor:
-        """``[B, T, D]`` the base model's final hidden state at each code's last base token."""
+    def _teacher(self, batch: MicroBatch) -> Teacher:
+        """The base model's final hidden state at each code's last base token, in the windows it reads."""
         model = self.model
         with torch.no_grad(), model.disable_adapter():
             out = model(batch.base_ids, batch.base_mask, codebooks=batch.base_codebooks, compute_logits=False)
         h = out.hidden_states
-        return h.gather(1, batch.code_end.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        h = h.gather(1, batch.code_end.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return Teacher(h, batch.teacher_rows, top_k=self.config.distill_top_k)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..loading import resolve_device, resolve_dtype
+from ..loading import resolve_device, training_dtype
 from .batches import BatchMaker, eval_batches, micro_batches
 from .config import TrainConfig
 from .objective import NextHyperHead, Objective, ReconstructionHead
@@ -63,8 +63,8 @@ def _dist() -> tuple[int, int]:
 
 
 def _dtype(name: str) -> torch.dtype:
-    """The dtype of the frozen base weights and of the compute; ``"auto"``: bfloat16 on a GPU that has it."""
-    return resolve_dtype(name, resolve_device(None))
+    """The dtype of the frozen base weights and of the compute (:func:`~hypervocab.loading.training_dtype`)."""
+    return training_dtype(name, resolve_device(None))[0]
 
 
 def _available_memory() -> int:
@@ -83,10 +83,10 @@ def _check_memory(config: TrainConfig, V: int, D: int, n_params: int) -> None:
     C = config.hyper.max_codebook_size
     item = 2 if _dtype(config.dtype) != torch.float32 else 4
     B, T = config.batch_size, config.window
-    # a chunk of float32 logits (at least one position of every row) and the few tensors derived from it,
-    # kept twice (forward and the checkpointed backward); the hypertoken tables [B, C, D]; the hidden states
+    # a chunk of float32 logits (at least one position of every row), the teacher's, the gradient's copy in
+    # the compute dtype and a spare; the hypertoken tables [B, C, D] and their gradients; the hidden states
     cells = min(B * T * (V + C), max(B * (V + C), _CHUNK_CELLS["other" if torch.cuda.is_available() else "cpu"]))
-    scoring = cells * 4 * 6 * 2
+    scoring = cells * 4 * 4
     tables = 2 * B * C * D * 4 * 3
     need = scoring + tables + B * T * D * 4 * 4 + n_params * item * 2
     have = _available_memory()
@@ -138,6 +138,11 @@ def compile_blocks(model: nn.Module) -> int:
     # transformers names the blocks a model must not be split inside: its decoder layers
     blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
     found = [m for m in model.modules() if type(m).__name__ in blocks]
+    # every block shares its class's forward, and dynamo guards on each block's own constants (its layer index):
+    # one compiled entry per block, more than dynamo's default of 8, past which the rest would run uncompiled
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(found))
     for module in found:
         module.compile(dynamic=True)
     return len(found)
@@ -383,6 +388,10 @@ def _set_up(config: TrainConfig, progress: bool | None) -> _Run:
     model, htok = _build_model(config, rank)
     model.to(device)
     if rank == 0:
+        dtype, why = training_dtype(config.dtype, resolve_device(None))
+        print(f"hypervocab train: computing in {str(dtype).replace('torch.', '')} ({why})", file=sys.stderr,
+              flush=True)
+    if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         config.save(out_dir / "train_config.json")
     train_set, eval_set = _windows(config, htok, model, out_dir, rank=rank, world=world, show=show)
@@ -408,7 +417,8 @@ def _set_up(config: TrainConfig, progress: bool | None) -> _Run:
     maker = BatchMaker(model.codec, position_mode=hyper.position_mode, exact=hyper.codebook_mask == "exact",
                        score_next_id=hyper.score_next_id,
                        recon_entries=config.recon_entries if config.recon_weight else 0,
-                       teacher=config.distill_weight > 0)
+                       recon_negatives=config.recon_negatives, teacher=config.distill_weight > 0,
+                       distill_fraction=config.distill_fraction)
     pin = device.type == "cuda"
     batches = iter(micro_batches(train_set, order, maker, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                  world=world, rank=rank, seed=config.seed, start_step=step,
