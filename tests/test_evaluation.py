@@ -193,7 +193,7 @@ def test_eval_lm_eval_hands_its_arguments_to_lm_eval(capsys):
 
 def test_distinct_ngram_ratio_golden_examples_and_errors():
     from hypervocab.errors import ConfigError, InputTypeError
-    from hypervocab.evaluation.diversity import distinct_ngram_ratio
+    from hypervocab.evaluation.quality import distinct_ngram_ratio
 
     assert distinct_ngram_ratio([1, 2, 3, 4, 5]) == 1.0
     assert distinct_ngram_ratio([7] * 10) == 1 / 7  # seven 4-grams, all the same

@@ -111,10 +111,12 @@ def test_demo_shows_three_prompts_their_compression_and_the_speed_table(base_dir
     assert len(stats) == 3 and all(int(n) == 6 for n, _ in stats)
     table = [line for line in out.splitlines() if re.match(r"\| [a-z ]+ \| \d+ -> \d+ \| 6 -> \d+ \|", line)]
     assert len(table) == 3 and table[0].startswith("| continue real code | ")
-    # the distinct 4-gram ratios of the hypervocab output and the base model's, on the same prompt
-    assert all(re.search(r"\| [01]\.\d\d / [01]\.\d\d \|$", line) for line in table), table
+    # the base model's bits per byte and the distinct 4-gram ratios of the hypervocab output and of the base
+    # model's, on the same prompt, next to the speeds
+    assert all(re.search(r"\| [\d.]+ / [\d.]+ \| [01]\.\d\d / [01]\.\d\d \|$", line) for line in table), table
     # both prompt lookups timed on the same prompt: hypervocab's (drafts of codes) and the base model's
-    assert all(re.search(r"\| [\d.]+ \| [\d.]+ \| [\d.]+x / [\d.]+x \|", line) for line in table), table
+    assert all(re.search(r"\| [\d.]+ \| [\d.]+ \| [\d.]+x( \(worse text\))? / [\d.]+x \|", line)
+               for line in table), table
     assert len(re.findall(r"with prompt lookup \(K=10\): hypervocab [\d.]+, base [\d.]+ tokens/s", out)) == 3
 
 
@@ -183,3 +185,26 @@ def test_the_top_64_distillation_holds_most_of_the_exact_divergence_on_real_text
                                         teacher=Teacher(teacher, top_k=k)).distillation) for k in (64, 0)}
         assert 0.9 * kl[0] < kl[64] <= kl[0] * (1 + 1e-5), (name, kl)
 
+
+def test_the_written_text_yardstick_tells_the_base_models_text_from_spliced_text_on_the_real_model(shipped):
+    """``eval generation``'s judge on the real base model: its own greedy continuation of held-out code scores
+    low, and the same start followed by what the broken hypertokens of issue 25 wrote is judged worse."""
+    import math
+
+    from hypervocab.evaluation.quality import base_bits, distinct_ngram_ratio, generation_report, is_worse, text_prompts
+
+    model, htok = shipped
+    tok = htok.tokenizer
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    (prompt,) = text_prompts("python", [("calendar.py", (lib / "calendar.py").read_text())], tok, places=1,
+                             prompt_tokens=192)
+    result = generation_report(model, tok, [prompt], max_new_tokens=32, lookup=False, ignore_eos=True)
+    base = next(o for o in result.outputs if o.system == "base")
+    assert base.new_tokens == 32 and base.bits_per_byte < 0.6  # what the base model itself would write
+    start = tok(base.text, add_special_tokens=False)["input_ids"][:12]
+    spliced = start + tok(" = Status.TOTOO_MANING_RIGHEMPTYINGEMPTYINGEMPTYING", add_special_tokens=False)["input_ids"]
+    nll, n_bytes = base_bits(model, tok, prompt.ids, spliced)
+    ratio = nll / math.log(2) / n_bytes / base.bits_per_byte
+    assert ratio > 3 and is_worse(ratio, distinct_ngram_ratio(spliced) / base.distinct_4)
+    hyper = result.row("python", "hypervocab")  # measured, whatever it is: the verdict follows its ratios
+    assert hyper.worse == is_worse(hyper.bits_per_byte_ratio, hyper.distinct_ratio)

@@ -252,3 +252,31 @@ def test_bad_files_raise_naming_the_workload_and_the_path(model, smollm2_tokeniz
         speed_report(tiny("llama"), smollm2_tokenizer, files)
     with pytest.raises(ConfigError, match="^workload must be one of 'edit', 'document', 'free', got 'chat'$"):
         build_prompt("chat", "text", smollm2_tokenizer, max_prompt_tokens=10, chat=False)
+
+
+def test_every_speed_stands_next_to_what_the_system_wrote(result, model, smollm2_tokenizer):
+    """Bits per byte (the base model's, of each system's first output) and distinct 4-grams, per row; a
+    speed-up whose text is worse than base's by the stated thresholds is marked in the table."""
+    from hypervocab.evaluation.quality import base_bits, distinct_ngram_ratio, is_worse
+
+    tok = smollm2_tokenizer
+    for row in result.rows:
+        prompts = [p for p in result.prompts if p.workload == row.workload]
+        assert len(prompts) == 1
+        ids = build_prompt(row.workload, Path(prompts[0].source).read_text(), tok, chat=True,
+                           language="python" if row.workload == "edit" else "",
+                           max_prompt_tokens=SIZES["max_prompt_tokens"])[0]
+        nll, n_bytes = base_bits(model, tok, ids, prompts[0].outputs[row.system])
+        assert row.bits_per_byte == pytest.approx(nll / math.log(2) / n_bytes)
+        assert row.distinct_4 == distinct_ngram_ratio(prompts[0].outputs[row.system])
+        base = result.row(row.workload, "base")
+        if row.system == "base":
+            assert row.worse is None
+        else:
+            assert row.worse == is_worse(row.bits_per_byte / base.bits_per_byte, row.distinct_4 / base.distinct_4)
+    for system in ("prompt_lookup",):  # lossless: the same text as base, never worse
+        assert not any(r.worse for r in result.rows if r.system == system)
+    md = result.to_markdown()
+    for row in result.rows:
+        line = next(x for x in md.splitlines() if x.startswith(f"| {row.workload} | {row.system} |"))
+        assert ("(worse text)" in line) == bool(row.worse) and f"| {row.bits_per_byte:.3f} |" in line

@@ -8,8 +8,8 @@ For a run folder (``hypervocab train``'s ``output_dir``, or a checkpoint in it) 
 * the first-token divergence: KL of the model's next-code distribution summed onto first base tokens
   from the base model's next-token distribution, nats per code
   (:func:`hypervocab.evaluation.likelihood.first_token_divergence`);
-* greedy continuations of the demo's three prompts: distinct 4-gram ratio of the hypervocab model and of
-  the base model, hypertokens written, and the texts.
+* greedy continuations of the demo's three prompts (:mod:`hypervocab.evaluation.quality`): distinct 4-gram
+  ratio and the base model's bits per byte of what the hypervocab model and the base model wrote, and the texts.
 
 Writes nothing unless ``--out FILE.json``; prints a Markdown summary.  On CPU, ``--max-bytes 8000`` takes a
 few minutes; the report uses ``recipes/smollm2-135m/report.py``.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hypervocab.cli.demo import demo_prompts
-from hypervocab.evaluation.diversity import distinct_ngram_ratio, greedy_pair
+from hypervocab.evaluation.quality import GenerationPrompt, generation_report
 from hypervocab.loading import DTYPES, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,12 +69,16 @@ def evaluate(run: str | Path, *, base_model: str | Path, heldout: Path = HELDOUT
     with torch.no_grad():
         bpb = bits_per_byte_report(model, tok, texts, window=window, stride=stride)
         drift = first_token_divergence(model, tok, [t for ts in texts.values() for t in ts][:8], window=window)
+    prompts = [GenerationPrompt("demo", title, tok(prompt, add_special_tokens=special)["input_ids"])
+               for title, prompt, special in demo_prompts(tok)]
+    written = generation_report(model, tok, prompts, max_new_tokens=new_tokens, lookup=False).outputs
     samples = []
-    for title, prompt, special in demo_prompts(tok):
-        hyper, base = greedy_pair(model, tok, prompt, add_special_tokens=special, max_new_tokens=new_tokens)
-        samples.append({"prompt": title, "hypervocab_distinct4": distinct_ngram_ratio(hyper),
-                        "base_distinct4": distinct_ngram_ratio(base), "hypervocab_text": tok.decode(hyper),
-                        "base_text": tok.decode(base), "tokens": len(hyper)})
+    for p in prompts:
+        hyper, base = (next(o for o in written if o.source == p.source and o.system == s)
+                       for s in ("hypervocab", "base"))
+        samples.append({"prompt": p.source, "hypervocab_distinct4": hyper.distinct_4, "base_distinct4": base.distinct_4,
+                        "hypervocab_bits_per_byte": hyper.bits_per_byte, "base_bits_per_byte": base.bits_per_byte,
+                        "hypervocab_text": hyper.text, "base_text": base.text, "tokens": hyper.new_tokens})
     return {"run": str(run), "bpb": bpb, "first_token_kl": drift["kl_per_code"], "samples": samples,
             "seconds": time.perf_counter() - t0}
 

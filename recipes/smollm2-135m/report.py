@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate the shipped model's report: held-out bits per byte, compression, speed, sample outputs.
+"""Regenerate the shipped model's report: held-out bits per byte, compression, written text, speed, samples.
 
 Runs the ``hypervocab eval`` commands on the held-out files of ``prepare_data.py`` (never trained on),
 writes JSON, Markdown and PNG files into ``reports/smollm2-135m/``, and rewrites the part of the
@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 os.environ.setdefault("HYPERVOCAB_CACHE", str(ROOT / ".cache"))
 OUT = ROOT / "reports" / "smollm2-135m"
 DATA = ROOT / ".cache" / "smollm2-data" / "heldout"
-PARTS = ("bpb", "compression", "speed", "samples")
+PARTS = ("bpb", "compression", "generation", "speed", "samples")
 START, END = "<!-- report:start -->", "<!-- report:end -->"
 
 
@@ -65,6 +65,10 @@ def main() -> None:
     if "compression" in parts:
         _cli(["eval", "compression", *domains, f"yaml={DATA / 'yaml'}", *model, "--generate", "4",
               "--prompt-tokens", "384", "--max-new-tokens", "96", "--out", str(OUT), "--plot"])
+    if "generation" in parts:  # what it writes: held-out code, prose and translations, and chat questions
+        _cli(["eval", "generation", *[d for d in domains if not d.startswith("json=")], *model, "--files", "2",
+              "--places", "3", "--prompt-tokens", "256", "--chat", "3", "--max-new-tokens", "64", "--out", str(OUT),
+              "--plot"])
     if "speed" in parts:
         files = sorted((DATA / "python").rglob("*.py"))
         docs = sorted((DATA / "docs").rglob("*.rst.txt"))
@@ -91,6 +95,9 @@ def _section() -> str:
     if (md := read("compression.md")) is not None:
         out += ["#### Compression of held-out input, and of the model's own output", "", md, "",
                 f"![compression]({rel}/compression.png)", ""]
+    if (md := read("generation.md")) is not None:
+        out += ["#### What it writes: held-out prompts continued, judged by the base model", "", md, "",
+                f"![written text]({rel}/generation.png)", ""]
     if (md := read("speed.md")) is not None:
         out += ["#### Generation speed: base model, hypervocab, prompt lookup decoding", "", md, "",
                 f"![speed]({rel}/speed.png)", ""]

@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["figure", "plot_compression", "plot_bits_per_byte", "plot_decode_speed", "plot_run", "RUN_PANELS"]
+__all__ = ["figure", "plot_compression", "plot_bits_per_byte", "plot_decode_speed", "plot_generation_quality",
+           "plot_run", "RUN_PANELS"]
 
 INSTALL_HINT = "charts need matplotlib: pip install 'hypervocab[train]'"
 
@@ -121,6 +122,45 @@ def plot_decode_speed(rows: Sequence[Mapping[str, Any]], path: str | PathLike[st
     ax.set_title(f"{model}: decode speed (labels: vs base)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, 110)
+
+
+def plot_generation_quality(rows: Sequence[Mapping[str, Any]], path: str | PathLike[str], *,
+                            model: str = "model") -> Path:
+    """``eval generation``'s two figures per domain, one bar per system: the base model's bits per byte of
+    what each system wrote (left) and its distinct-4-gram ratio (right), each bar of a hypervocab system
+    labelled with its ratio to the base model's and the worse-than-base thresholds drawn as dashes."""
+    from .evaluation.quality import MAX_BPB_RATIO, MIN_DISTINCT_RATIO
+
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    fig = figure(figsize=(2.0 + 2.6 * len(domains), 7.0))
+    width = 0.8 / max(len(systems), 1)
+    panels = (("bits_per_byte", "bits_per_byte_ratio", "bits/byte under the base model (lower is better)",
+               MAX_BPB_RATIO), ("distinct_4", "distinct_ratio", "distinct-4-gram ratio (higher is better)",
+                                MIN_DISTINCT_RATIO))
+    for k, (key, ratio, label, limit) in enumerate(panels):
+        ax = fig.add_subplot(2, 1, k + 1)
+        for i, system in enumerate(systems):
+            found = [next((r for r in rows if r["domain"] == d and r["system"] == system), None) for d in domains]
+            values = [(r[key] or 0.0) if r is not None else 0.0 for r in found]
+            xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(domains))]
+            bars = ax.bar(xs, values, width, label=system)
+            ax.bar_label(bars, labels=["" if r is None or r[ratio] is None else f"{r[ratio]:.2f}x" for r in found],
+                         fontsize=7)
+            if system.startswith("base"):  # the threshold its hypervocab bars are held to, over them
+                judged = next((j for j in range(i + 1, len(systems)) if systems[j].startswith("base")), len(systems))
+                for x, v in zip(xs, values):
+                    ax.hlines(v * limit, x - width / 2, x + width * (judged - i - 0.5), colors="grey",
+                              linestyles="dashed", linewidth=0.8)
+        ax.set_xticks(range(len(domains)), domains)
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        if k == 0:
+            ax.set_title(f"{model}: what it writes (labels: vs base; dashes: {MAX_BPB_RATIO}x / "
+                         f"{MIN_DISTINCT_RATIO}x the base model)", fontsize=9)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path, 110)
 

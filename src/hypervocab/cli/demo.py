@@ -2,12 +2,16 @@
 
 For each prompt (continuing a real code file, a chat question, a document to summarise) it shows how much
 the prompt shrinks, streams the hypervocab model's answer with the text of hypertokens in colour, then
-runs the base model (LoRA off) greedily for the same number of base tokens and compares the speed.
+runs the base model (LoRA off) greedily for the same number of base tokens and compares the speed, next
+to what each wrote: the base model's bits per byte of the output given the prompt and its distinct-4-gram
+ratio (see :mod:`hypervocab.evaluation.quality`).  A speed-up whose text is worse than the base model's
+(bits per byte above 1.25x, or distinct 4-grams under 0.9x) is marked: it does not count.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import sysconfig
 import time
@@ -15,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.diversity import distinct_ngram_ratio
+from ..evaluation.quality import MAX_BPB_RATIO, MIN_DISTINCT_RATIO, base_bits, distinct_ngram_ratio, is_worse
 from ..evaluation.speed import synchronize
 from ..loading import load
 from ..pretrained import shipped_dir
@@ -72,14 +76,28 @@ def run_demo(args: argparse.Namespace) -> int:
                for title, prompt, special in demo_prompts(htok.tokenizer)]
     print("\n| prompt | prompt tokens -> codes | output tokens -> codes | hypervocab tok/s | base tok/s | speed-up "
           "| hypervocab + lookup tok/s | base + lookup tok/s | lookup speed-ups vs base | "
-          "distinct 4-grams, hypervocab / base |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for title, nt, nc, ot, oc, h, b, hl, bl, hd, bd in summary:
-        speed = f"{b:.1f} | {h / b:.2f}x" if b else "- | -"
-        look = f"{hl:.1f} | {bl:.1f} | {hl / b:.2f}x / {bl / b:.2f}x" if b and hl and bl else "- | - | -"
+          "bits/byte (base-scored), hypervocab / base | distinct 4-grams, hypervocab / base |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    marked = False
+    for title, nt, nc, ot, oc, h, b, hl, bl, hd, bd, hb, bb in summary:
+        worse = bool(b) and bool(is_worse(hb / bb if hb is not None and bb else None, hd / bd if bd else None))
+        marked |= worse
+        mark = " (worse text)" if worse else ""
+        speed = f"{b:.1f} | {h / b:.2f}x{mark}" if b else "- | -"
+        look = f"{hl:.1f} | {bl:.1f} | {hl / b:.2f}x{mark} / {bl / b:.2f}x" if b and hl and bl else "- | - | -"
         distinct = f"{hd:.2f} / {bd:.2f}" if bd is not None else f"{hd:.2f} / -"
-        print(f"| {title.split(' (')[0]} | {nt} -> {nc} | {ot} -> {oc} | {h:.1f} | {speed} | {look} | {distinct} |")
+        bits = f"{_num(hb)} / {_num(bb)}"
+        print(f"| {title.split(' (')[0]} | {nt} -> {nc} | {ot} -> {oc} | {h:.1f} | {speed} | {look} | {bits} | "
+              f"{distinct} |")
+    if marked:
+        print(f"\n(worse text): the base model finds hypervocab's output more than {MAX_BPB_RATIO}x as surprising as "
+              f"its own, or it repeats itself (distinct 4-grams under {MIN_DISTINCT_RATIO}x the base model's): that "
+              "speed-up does not count.")
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _dimmer(color: bool) -> Callable[[str], str]:
@@ -123,14 +141,19 @@ def _one_prompt(model: Any, htok: Any, title: str, prompt: str, special: bool, a
     hyper_s = time.perf_counter() - t
     st = out.stats[0]
     print()
-    base_tps = base_distinct = lookup_tps = base_lookup_tps = None
+    base_tps = base_out = lookup_tps = base_lookup_tps = None
     if not args.no_speed:
-        base_tps, base_distinct = _base_run(model, tok, prompt, special, st.base_tokens)
+        base_tps, base_out = _base_run(model, tok, prompt, special, st.base_tokens)
         if args.prompt_lookup:
             lookup_tps = _lookup_run(model, ids, mask, out, args)
             base_lookup_tps, _ = _base_run(model, tok, prompt, special, st.base_tokens, lookup=args.prompt_lookup)
     hyper_tps = st.base_tokens / hyper_s
+    prompt_ids = tok(prompt, add_special_tokens=special)["input_ids"]
     hyper_distinct = distinct_ngram_ratio(out.new_base_ids[0])
+    hyper_bpb = _bits_per_byte(model, tok, prompt_ids, out.new_base_ids[0])
+    base_bpb = base_distinct = None
+    if base_out is not None:
+        base_bpb, base_distinct = _bits_per_byte(model, tok, prompt_ids, base_out), distinct_ngram_ratio(base_out)
     line = (f"output {st.base_tokens} base tokens in {st.codes} codes ({st.hypertokens} hypertokens, "
             f"{st.base_tokens_per_code:.2f} tokens per code); {hyper_tps:.1f} tokens/s")
     if base_tps:
@@ -140,7 +163,13 @@ def _one_prompt(model: Any, htok: Any, title: str, prompt: str, special: bool, a
                  f"{base_lookup_tps:.1f} tokens/s")
     print(dim(line))
     return (title, n_tokens, n_codes, st.base_tokens, st.codes, hyper_tps, base_tps, lookup_tps, base_lookup_tps,
-            hyper_distinct, base_distinct if base_tps else None)
+            hyper_distinct, base_distinct, hyper_bpb, base_bpb)
+
+
+def _bits_per_byte(model: Any, tok: Any, prompt: list[int], output: list[int]) -> float | None:
+    """The base model's bits per byte of ``output`` given ``prompt`` (``None`` for an output of no bytes)."""
+    nll, n_bytes = base_bits(model, tok, prompt, output)
+    return nll / math.log(2) / n_bytes if n_bytes else None
 
 
 def _lookup_run(model: Any, ids: Any, mask: Any, plain: Any, args: argparse.Namespace) -> float:
@@ -166,9 +195,9 @@ def _common(a: list[int], b: list[int]) -> int:
 
 
 def _base_run(model: Any, tok: Any, prompt: str, special: bool, n: int,
-              lookup: int | None = None) -> tuple[float, float]:
+              lookup: int | None = None) -> tuple[float, list[int]]:
     """The base model (LoRA off), greedy, writing exactly ``n`` base tokens, with Hugging Face's prompt lookup
-    when ``lookup`` is given: (tokens/s, distinct 4-gram ratio)."""
+    when ``lookup`` is given: (tokens/s, the new base ids)."""
     import torch
 
     device = next(model.parameters()).device
@@ -181,7 +210,7 @@ def _base_run(model: Any, tok: Any, prompt: str, special: bool, n: int,
                                        min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, **extra)
         synchronize(device)
         base_s = time.perf_counter() - t
-    return n / base_s, distinct_ngram_ratio(base_out[0, base_ids.shape[1]:].tolist())
+    return n / base_s, base_out[0, base_ids.shape[1]:].tolist()
 
 
 def add_demo_parser(sub: Any) -> None:

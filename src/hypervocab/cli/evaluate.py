@@ -6,6 +6,9 @@ Every command prints a Markdown table, writes ``NAME.json`` and ``NAME.md`` into
 * ``eval compression DOMAIN... --tokenizer T [--model M --generate N]``: input compression per domain and
   tokenizer; with a model, also its own continuations' base tokens per emitted code.
 * ``eval bpb DOMAIN... --model M``: bits per byte of the model and of its base model, same bytes.
+* ``eval generation DOMAIN... --model M``: what the model writes: greedy (and sampled) continuations of
+  prompts cut from the files and of chat questions, by the base model and by hypervocab, each judged by the
+  base model's bits per byte and its distinct-4-gram ratio; worse-than-base verdicts per domain.
 * ``eval speed FILE... --model M``: prefill/decode speed and time to first token: base model, hypervocab,
   base model with prompt lookup decoding, and hypervocab with its own prompt lookup, on three workloads.
 * ``eval lm-eval --model_args pretrained=M --tasks ...``: lm-evaluation-harness with ``--model hypervocab``.
@@ -174,6 +177,46 @@ def _bpb(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ generation
+
+
+def _generation(args: argparse.Namespace) -> int:
+    from ..evaluation.quality import CHAT_QUESTIONS, chat_prompts, check_domains, generation_report, text_prompts
+
+    check_int("--files", args.files, minimum=1)
+    check_int("--places", args.places, minimum=1)
+    check_int("--prompt-tokens", args.prompt_tokens, minimum=16)
+    check_int("--chat", args.chat, minimum=0, maximum=len(CHAT_QUESTIONS))
+    check_int("--max-new-tokens", args.max_new_tokens, minimum=1)
+    questions = list(CHAT_QUESTIONS[: args.chat]) + list(args.question)
+    if not args.domains and not questions:
+        raise ConfigError("eval generation needs a DOMAIN, --chat N or --question TEXT")
+    domains = _domains(args.domains, args.glob, args.exclude)
+    model, htok = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype)
+    tok = htok.tokenizer
+    by_domain = {}
+    for name, files in domains.items():
+        texts = []
+        for f in files:
+            if len(texts) == args.files:
+                break
+            text = read_text_file(f)
+            if text is not None and text.strip():  # binary, not UTF-8 or blank files are passed over
+                texts.append((str(f), text))
+        by_domain[name] = text_prompts(name, texts, tok, places=args.places, prompt_tokens=args.prompt_tokens)
+    check_domains(by_domain)
+    prompts = [p for ps in by_domain.values() for p in ps] + chat_prompts(tok, questions)
+    result = generation_report(model, tok, prompts, max_new_tokens=args.max_new_tokens, lookup=not args.no_lookup,
+                               prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, sample=args.sample,
+                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                               ignore_eos=args.ignore_eos, progress=sys.stderr.isatty())
+    result.settings.update(model=args.model, places=args.places, prompt_tokens=args.prompt_tokens)
+    out = _write(args.out, "generation", result.to_dict(), result.to_markdown())
+    if args.plot:
+        print(f"wrote {result.plot(out / 'generation.png')}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ speed
 
 
@@ -240,7 +283,7 @@ def lm_eval_argv(rest: Sequence[str]) -> list[str]:
 
 
 def add_eval_parser(sub: Any) -> None:
-    e = sub.add_parser("eval", help="measure compression, bits per byte, speed, or run lm-eval",
+    e = sub.add_parser("eval", help="measure compression, bits per byte, written text, speed, or run lm-eval",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     es = e.add_subparsers(dest="eval_command", required=True)
 
@@ -287,6 +330,37 @@ def add_eval_parser(sub: Any) -> None:
     b.add_argument("--max-bytes", type=int, default=200_000, help="text per domain, in bytes (default 200000)")
     common(b)
     b.set_defaults(func=_bpb)
+
+    g = es.add_parser("generation", help="what the model writes, judged by the base model, against the base model",
+                      description="Greedy (and with --sample, sampled) continuations of prompts cut from your files "
+                      "(--places cuts per file, each the --prompt-tokens base tokens before it) and of chat "
+                      "questions, by the base model (LoRA off), by hypervocab and by hypervocab with its prompt "
+                      "lookup.  Per output and per domain: the base model's bits per byte of the output given the "
+                      "prompt, the distinct-4-gram ratio, base tokens per code and the text; a domain's text is "
+                      "'worse' than the base model's past 1.25x its bits per byte or under 0.9x its distinct-4-gram "
+                      "ratio.")
+    g.add_argument("domains", nargs="*", metavar="DOMAIN", help="PATH or NAME=PATH (file or folder)")
+    g.add_argument("--model", required=True, help="a hypervocab checkpoint folder ('default': the shipped one)")
+    g.add_argument("--files", type=int, default=2, help="files per domain (default 2)")
+    g.add_argument("--places", type=int, default=3, help="prompts cut from each file (default 3)")
+    g.add_argument("--prompt-tokens", type=int, default=256, help="base tokens of each prompt (default 256)")
+    g.add_argument("--chat", type=int, default=2, metavar="N", help="also answer the first N built-in chat "
+                   "questions (at most 6; default 2; 0 for none)")
+    g.add_argument("--question", action="append", default=[], metavar="TEXT", help="a chat question of yours; "
+                   "repeatable")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="base tokens each system writes at most "
+                   "(default 64)")
+    g.add_argument("--ignore-eos", action="store_true", help="write --max-new-tokens whatever (default: stop at "
+                   "end-of-sequence)")
+    g.add_argument("--no-lookup", action="store_true", help="skip hypervocab with prompt lookup")
+    g.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="draft codes of prompt lookup "
+                   "(default 10)")
+    g.add_argument("--sample", action="store_true", help="also sample from both models")
+    g.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
+    g.add_argument("--top-p", type=float, default=0.9, help="with --sample (default 0.9)")
+    g.add_argument("--seed", type=int, default=0, help="with --sample: prompt k uses seed + k (default 0)")
+    common(g)
+    g.set_defaults(func=_generation)
 
     sp = es.add_parser("speed", help="prefill/decode speed: base, hypervocab, prompt lookup decoding, both",
                        description="Time to first token, prefill and decode throughput in base tokens per second "

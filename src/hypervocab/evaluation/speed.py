@@ -61,6 +61,15 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, InputTypeError, check_int
 from ..plots import plot_decode_speed
 from ..textfiles import read_text_file
+from .quality import (
+    MAX_BPB_RATIO,
+    MIN_DISTINCT_RATIO,
+    base_bits,
+    distinct_ngram_ratio,
+    is_worse,
+    model_name,
+    quality_marker,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -163,7 +172,10 @@ class SpeedRow:
     decode_speedup / total_speedup: decode throughput and whole-call time against the ``base`` row of the
     same workload (``None`` without one).  same_as_base: median share of the new tokens that equal the
     base system's, counted from the start up to the first difference (1.0: the same text).  codes,
-    base_tokens_per_code, hypertokens, prompt_codes: hypervocab only.
+    base_tokens_per_code, hypertokens, prompt_codes: hypervocab only.  bits_per_byte and distinct_4: what
+    the system wrote (first runs), judged by :mod:`hypervocab.evaluation.quality` (the base model's bits per
+    byte given the prompt, distinct-4-gram ratio); worse: whether that text is worse than ``base``'s by the
+    thresholds there, so that its speed-up does not count.
     """
 
     workload: str
@@ -184,6 +196,9 @@ class SpeedRow:
     codes: float | None = None
     base_tokens_per_code: float | None = None
     hypertokens: float | None = None
+    bits_per_byte: float | None = None
+    distinct_4: float | None = None
+    worse: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,14 +235,21 @@ class SpeedResult:
         if s.get("cache_implementation") == "static":
             intro += ("  Base and hypervocab greedy ran with a static KV cache (on a GPU, their decode steps "
                       "compiled into CUDA graphs); the prompt lookup systems with the dynamic one.")
+        if any(r.bits_per_byte is not None for r in self.rows):
+            intro += (f"  Bits/byte: the base model's of what each system wrote, given the prompt; *(worse text)*: "
+                      f"above {MAX_BPB_RATIO}x base's bits per byte or under {MIN_DISTINCT_RATIO}x its distinct-4-gram "
+                      "ratio, a speed-up that does not count.")
         header = ("| workload | system | prompt tokens | prefill tok/s | TTFT (s) | decode tok/s | decode speed-up | "
-                  "total (s) | end-to-end speed-up | tokens/step | same as base |")
-        lines = [intro, "", header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "total (s) | end-to-end speed-up | tokens/step | same as base | bits/byte | distinct-4 |")
+        lines = [intro, "", header,
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in self.rows:
             prompt = f"{r.prompt_tokens:.0f}" + (f" ({r.prompt_codes:.0f} codes)" if r.prompt_codes is not None else "")
+            mark = quality_marker(r.worse)
             cells = [r.workload, r.system, prompt, _fmt(r.prefill_tokens_per_s, ".1f"), _fmt(r.ttft_s, ".3f"),
-                     _fmt(r.decode_tokens_per_s, ".1f"), _fmt(r.decode_speedup, ".2f", "x"), _fmt(r.total_s, ".3f"),
-                     _fmt(r.total_speedup, ".2f", "x"), _fmt(r.tokens_per_step, ".2f"), _fmt(r.same_as_base, ".0%")]
+                     _fmt(r.decode_tokens_per_s, ".1f"), _fmt(r.decode_speedup, ".2f", "x" + mark),
+                     _fmt(r.total_s, ".3f"), _fmt(r.total_speedup, ".2f", "x" + mark), _fmt(r.tokens_per_step, ".2f"),
+                     _fmt(r.same_as_base, ".0%"), _fmt(r.bits_per_byte, ".3f"), _fmt(r.distinct_4, ".2f")]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "hypervocab with its prompt lookup against Hugging Face prompt lookup alone (same run):", "",
                   "| workload | decode speed-up | end-to-end speed-up |", "| --- | ---: | ---: |"]
@@ -507,6 +529,7 @@ def speed_report(
     warmup: bool = True,
     cache_implementation: str = "dynamic",
     chat_template: bool | None = None,
+    quality: bool = True,
     progress: bool = False,
 ) -> SpeedResult:
     """Time base greedy, hypervocab greedy and prompt lookup decoding on the same prompts.
@@ -533,6 +556,8 @@ def speed_report(
         cache_implementation: ``"dynamic"`` or ``"static"``: the KV cache of base greedy and hypervocab greedy
             (static: compiled into CUDA graphs on a GPU, for both, so that the comparison stays fair).
         chat_template: wrap prompts in the tokenizer's chat template; ``None``: when it has one.
+        quality: judge what each system wrote (its first run) by the base model's bits per byte and the
+            distinct-4-gram ratio, and mark speed-ups whose text is worse than the base model's.
         progress: show a progress bar (tqdm) over the runs.
 
     Returns:
@@ -567,8 +592,11 @@ def speed_report(
                               lookup=prompt_lookup_num_tokens, pad_id=pad_id, bar=bar, cache=cache_implementation)
     if bar is not None:
         bar.close()
-    return SpeedResult(_rows(runs), runs, [p for p, _, _ in prompts], dict(
-        model=_model_name(model), device=str(next(model.parameters()).device),
+    rows = _rows(runs)
+    if quality:
+        _judge(model, tok, prompts, rows)
+    return SpeedResult(rows, runs, [p for p, _, _ in prompts], dict(
+        model=model_name(model), device=str(next(model.parameters()).device),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""), threads=_threads(),
         max_prompt_tokens=max_prompt_tokens, max_new_base_tokens=max_new_base_tokens,
         prompt_lookup_num_tokens=prompt_lookup_num_tokens, repeats=repeats, warmup=warmup, chat_template=chat,
@@ -696,10 +724,27 @@ def _rows(runs: list[SpeedRun]) -> list[SpeedRow]:
     return rows
 
 
-def _model_name(model: HyperModel) -> str:
-    config = getattr(model.base, "config", None)
-    name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
-    return str(name) if name else type(model.base).__name__
+def _judge(model: HyperModel, tok: Any, prompts: list[tuple[SpeedPrompt, list[int], list[int]]],
+           rows: list[SpeedRow]) -> None:
+    """Fill each row's bits per byte (nats of every output over its bytes), distinct-4 ratio and verdict."""
+    for row in rows:
+        nll = n_bytes = 0.0
+        distinct = []
+        for prompt, ids, _ in prompts:
+            if prompt.workload == row.workload:
+                out = prompt.outputs[row.system]
+                n, b = base_bits(model, tok, ids, out)
+                nll, n_bytes = nll + n, n_bytes + b
+                distinct.append(distinct_ngram_ratio(out))
+        row.bits_per_byte = nll / math.log(2) / n_bytes if n_bytes else None
+        row.distinct_4 = statistics.fmean(distinct) if distinct else None
+    for row in rows:
+        base = next((b for b in rows if b.workload == row.workload and b.system == "base"), None)
+        if base is None or base is row:
+            continue
+        bpb = row.bits_per_byte / base.bits_per_byte if row.bits_per_byte is not None and base.bits_per_byte else None
+        distinct_ratio = row.distinct_4 / base.distinct_4 if row.distinct_4 is not None and base.distinct_4 else None
+        row.worse = is_worse(bpb, distinct_ratio)
 
 
 def _threads() -> int:
