@@ -466,7 +466,8 @@ def test_the_cli_flags_and_their_defaults(monkeypatch, model, smollm2_tokenizer)
     limits = app_kw["limits"]
     assert (limits.max_body_bytes, limits.read_timeout, limits.max_prompt_tokens) == (2 * 1024 * 1024, 30.0, 4096)
     assert app_kw["api_key"] is None and app_kw["allowed_hosts"] == ["localhost", "127.0.0.1", "::1"]
-    assert uv["timeout_graceful_shutdown"] == 10.0 and uv["host"] == "127.0.0.1"
+    assert uv["grace"] == 10.0 and uv["host"] == "127.0.0.1"
+    assert (uv["header_timeout"], uv["max_connections"], app_kw["allowed_origins"]) == (10.0, 1000, None)
     assert server_settings(parser.parse_args(["serve", "--host", "0.0.0.0"]))[0]["allowed_hosts"] == ["*"]
     assert server_settings(parser.parse_args(["serve", "--host", "10.1.2.3"]))[0]["allowed_hosts"][0] == "10.1.2.3"
     monkeypatch.setenv("HYPERVOCAB_API_KEY", "from-env")
@@ -474,8 +475,14 @@ def test_the_cli_flags_and_their_defaults(monkeypatch, model, smollm2_tokenizer)
         "serve", "--allowed-hosts", "a.example, b.example", "--max-body-bytes", "5000", "--read-timeout", "2.5",
         "--shutdown-timeout", "3"]))
     assert app_kw["api_key"] == "from-env" and app_kw["allowed_hosts"] == ["a.example", "b.example"]
-    assert (app_kw["limits"].max_body_bytes, app_kw["limits"].read_timeout, uv["timeout_graceful_shutdown"]) == \
-        (5000, 2.5, 3.0)
+    assert (app_kw["limits"].max_body_bytes, app_kw["limits"].read_timeout, uv["grace"]) == (5000, 2.5, 3.0)
+    assert server_settings(parser.parse_args(["serve", "--allowed-origins", "https://a.example, *"]))[0][
+        "allowed_origins"] == ["https://a.example", "*"]
+    for flags, message in ((["--allowed-origins", "a.example"], "--allowed-origins must be origins like"),
+                           (["--header-timeout", "0"], "--header-timeout must be > 0 seconds, got 0.0"),
+                           (["--max-connections", "0"], "--max-connections must be an int >= 1, got 0")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            server_settings(parser.parse_args(["serve", *flags]))
     assert server_settings(parser.parse_args(["serve", "--api-key", "flag"]))[0]["api_key"] == "flag"
     assert app_kw["prompt_lookup"] == 0  # speculative decoding is off unless asked for
     assert server_settings(parser.parse_args(["serve", "--prompt-lookup", "6"]))[0]["prompt_lookup"] == 6
@@ -485,9 +492,11 @@ def test_the_cli_flags_and_their_defaults(monkeypatch, model, smollm2_tokenizer)
     # the whole command, with the model loader and uvicorn stubbed: the app it builds enforces the key
     ran = {}
     monkeypatch.setattr(cli_serve, "load", lambda *a, **k: (model, SimpleNamespace(tokenizer=smollm2_tokenizer)))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    from hypervocab.serving import server as serving_server
+
+    monkeypatch.setattr(serving_server, "serve", lambda app, **kw: ran.update(app=app, **kw))
     assert cli_main.main(["serve", "--served-model-name", "tiny", "--shutdown-timeout", "4"]) == 0
-    assert ran["timeout_graceful_shutdown"] == 4.0
+    assert ran["grace"] == 4.0
     client = TestClient(ran["app"], base_url="http://127.0.0.1")
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
@@ -495,37 +504,71 @@ def test_the_cli_flags_and_their_defaults(monkeypatch, model, smollm2_tokenizer)
     assert cli_main.main(["serve", "--read-timeout", "0"]) == 2  # a bad flag: one line, exit status 2
 
 
-def test_shutdown_cancels_running_and_queued_requests_after_the_grace_period(smollm2_tokenizer):
+def test_sigterm_refuses_new_work_ends_the_queue_now_and_running_requests_after_the_grace_period(smollm2_tokenizer):
+    """What SIGTERM does (``handle_exit``, as the signal handler calls it) with 2 requests running and 2 queued,
+    one of each streaming: the queued ones get the 503 at once and never start, the running ones after the
+    grace period; every stream ends with an error event and ``[DONE]``, every other request gets a 503 body."""
+    import signal
+
+    from hypervocab.serving.server import HyperServer
+
     # a model of its own: if the work went on after the test, it would not run on the other tests' model
     app = create_app(make("llama", smollm2_tokenizer), smollm2_tokenizer, model_name="tiny",
-                     limits=ServeLimits(max_prompt_tokens=400, max_tokens=3000, max_queue=4, max_batch_size=1))
-    s = Server(app, timeout_graceful_shutdown=0.5)
+                     limits=ServeLimits(max_prompt_tokens=400, max_tokens=3000, max_queue=4, max_batch_size=2))
     engine = app.state.engine
-    results: list = []
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = HyperServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                        timeout_graceful_shutdown=10), engine=engine, grace=2.0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    got: dict[str, tuple] = {}
 
-    def long_request():  # greedy, 3000 tokens: far longer than the grace period
+    def client(name: str, stream: bool) -> None:  # greedy, 3000 tokens: far longer than the grace period
+        body = {"prompt": PROMPT, "max_tokens": 3000, "temperature": 0, "stream": stream}
         try:
-            results.append(httpx.post(s.url + "/v1/completions", json={
-                "prompt": PROMPT, "max_tokens": 3000, "temperature": 0}, timeout=60).status_code)
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                text = "".join(r.iter_text())
+                got[name] = (r.status_code, text, time.monotonic())
         except httpx.HTTPError as e:
-            results.append(type(e).__name__)
+            got[name] = (type(e).__name__, "", time.monotonic())
 
-    clients = [threading.Thread(target=long_request) for _ in range(2)]
-    for c in clients:
-        c.start()
-    deadline = time.monotonic() + 10
-    while not (engine.running == 1 and engine.waiting == 1):
-        assert time.monotonic() < deadline, "the requests did not start"
+    names = [("run-stream", True), ("run-whole", False), ("queued-stream", True), ("queued-whole", False)]
+    threads = []
+    for name, stream in names:
+        threads.append(threading.Thread(target=client, args=(name, stream)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while engine.running + engine.waiting < len(threads):  # in this order: the first two run
+            assert time.monotonic() < deadline, "the requests did not start"
+            time.sleep(0.02)
+    while not (engine.running == 2 and engine.waiting == 2):
         time.sleep(0.02)
     t0 = time.monotonic()
-    s.server.should_exit = True  # what SIGTERM does
-    s.thread.join(30)
+    server.handle_exit(signal.SIGTERM, None)
+    with pytest.raises(Exception, match="shutting down"):  # no new work from now on
+        engine.submit(type(engine._current[0])(prompt_ids=[1], max_tokens=1, emit=lambda ev: None))
+    for t in threads:
+        t.join(30)
+    thread.join(30)
     took = time.monotonic() - t0
-    for c in clients:
-        c.join(30)
-    assert not s.thread.is_alive() and took < 8, f"shutdown took {took:.1f} s"
-    assert engine.cancelled == 2 and engine.served == 0 and engine.running == 0
-    assert len(results) == 2
+    assert not thread.is_alive() and took < 8, f"shutdown took {took:.1f} s"
+    for name, stream in names:
+        status, text, at = got[name]
+        if stream:  # the stream started (200), then ends the documented way
+            assert status == 200 and text.endswith('"code":"shutting_down"}}\n\ndata: [DONE]\n\n'), (name, text[-200:])
+        else:
+            assert status == 503 and json.loads(text)["error"]["code"] == "shutting_down", (name, status, text)
+        if name.startswith("queued"):
+            assert at - t0 < 1.5, f"{name} waited {at - t0:.1f} s for its 503"  # at once, not after the grace
+            assert '"text": "' not in text  # it never started
+        else:
+            assert at - t0 >= 1.9, f"{name} was cut after {at - t0:.1f} s, before the 2 s grace period"
+    assert engine.cancelled == 4 and engine.served == 0 and engine.running == 0 and engine.waiting == 0
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -569,8 +612,8 @@ def test_metrics_count_requests_tokens_queue_and_hypertokens(model, smollm2_toke
         assert m["hypervocab_max_batch_size"] == 16  # the default
         assert m["hypervocab_generation_seconds_total"] > 0
         # /health keeps its counters
-        assert client.get("/health").json() == {"status": "ok", "model": "tiny", "waiting": 0, "served": 3,
-                                                "cancelled": 0}
+        assert client.get("/health").json() == {"status": "ok", "model": "tiny", "waiting": 0, "running": 0,
+                                                "served": 3, "cancelled": 0}
     finally:
         app.state.engine.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 from typing import Any
 
@@ -40,30 +41,39 @@ def default_allowed_hosts(host: str) -> list[str]:
 
 
 def server_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(create_app keyword arguments, uvicorn.run keyword arguments) for the parsed flags."""
+    """(create_app keyword arguments, :func:`hypervocab.serving.server.serve` keyword arguments) for the flags."""
     limits = ServeLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                          max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout,
                          max_batch_size=args.max_batch_size)
     if args.shutdown_timeout < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+    if not args.header_timeout > 0:
+        raise ConfigError(f"--header-timeout must be > 0 seconds, got {args.header_timeout}")
+    check_int("--max-connections", args.max_connections, minimum=1)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     hosts = ([h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts is not None
              else default_allowed_hosts(args.host))
     if not hosts:
         raise ConfigError("--allowed-hosts is empty: give host names separated by commas, or '*' for any")
+    origins = None
+    if args.allowed_origins is not None:
+        origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
+        bad = [o for o in origins if o != "*" and not re.fullmatch(r"https?://[^/\s]+/?", o)]
+        if not origins or bad:
+            raise ConfigError(f"--allowed-origins must be origins like https://app.example.com separated by commas, "
+                              f"or '*', got {args.allowed_origins!r}")
     app_kw: dict[str, Any] = {"limits": limits, "api_key": api_key, "allowed_hosts": hosts,
-                              "prompt_lookup": check_int("--prompt-lookup", args.prompt_lookup, minimum=0)}
-    uvicorn_kw = {"host": args.host, "port": args.port, "log_level": args.log_level,
-                  "timeout_graceful_shutdown": args.shutdown_timeout, "server_header": False}
-    return app_kw, uvicorn_kw
+                              "prompt_lookup": check_int("--prompt-lookup", args.prompt_lookup, minimum=0),
+                              "allowed_origins": origins}
+    server_kw = {"host": args.host, "port": args.port, "log_level": args.log_level, "grace": args.shutdown_timeout,
+                 "header_timeout": args.header_timeout, "max_connections": args.max_connections}
+    return app_kw, server_kw
 
 
 def run_server(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-    except ImportError:
-        raise ImportError("the server needs FastAPI and uvicorn: pip install 'hypervocab[serve]'") from None
-    app_kw, uvicorn_kw = server_settings(args)  # bad flags fail before the model loads
+    from ..serving import server  # uvicorn: the serve extra
+
+    app_kw, server_kw = server_settings(args)  # bad flags fail before the model loads
     model, htok = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype)
     name = args.served_model_name or ("hypervocab-smollm2-135m" if args.model in ("default", DEFAULT_MODEL)
                                       else args.model.rstrip("/").split("/")[-1])
@@ -74,7 +84,7 @@ def run_server(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and app_kw["api_key"] is None:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this port can use it "
               f"(set {API_KEY_ENV} or --api-key)", file=sys.stderr)
-    uvicorn.run(app, **uvicorn_kw)
+    server.serve(app, **server_kw)
     return 0
 
 
@@ -103,8 +113,17 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a client has to send the whole request body (default 30); then 408")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="on SIGTERM or Ctrl-C, seconds running requests get to finish before they and the "
-                   "queued ones are cancelled (default 10)")
+                   help="on SIGTERM or Ctrl-C: new and queued requests get 503 at once, running ones get this "
+                   "many seconds to finish, then end with 503 too (streams: an error event and [DONE]) "
+                   "(default 10)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers, from opening and from its last "
+                   "response (default 10); then it is closed with 408")
+    s.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections at most (default 1000); more are answered 503 and closed")
+    s.add_argument("--allowed-origins", default=None,
+                   help="comma-separated web origins (https://app.example.com) whose pages may POST here, or '*'; "
+                   "default: only this server's own playground. Browsers' other cross-site requests get 403")
     s.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY' (all but /health "
                    f"and the playground page); default: the {API_KEY_ENV} environment variable, else no key. "
                    "The variable keeps the key out of the process list")

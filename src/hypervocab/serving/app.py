@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LOOPBACK_HOSTS", "ServeLimits", "create_app"]
 
+PARSE_THREADS = 2  # request bodies parsed and prompts tokenized at once, off the event loop
 _OPEN_PATHS = {"/health", "/"}  # served without the API key: a liveness probe, and the page that asks for it
 _API_KEY_FIELD = ('  <label>API key <input type="password" id="api_key" autocomplete="off" '
                   'spellcheck="false"></label>\n')
@@ -160,8 +161,9 @@ class _Completion:
     """One completion request being answered: its job's events in, OpenAI's body (whole or streamed) out."""
 
     def __init__(self, request: Any, job: Job, events: asyncio.Queue[Piece | Finished], prepared: "Prepared", *,
-                 chat: bool, model_name: str) -> None:
+                 chat: bool, model_name: str, withdraw: Any) -> None:
         self.request, self.job, self.events, self.prepared = request, job, events, prepared
+        self.withdraw = withdraw
         self.chat, self.model_name = chat, model_name
         self.rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.obj = "chat.completion" if chat else "text_completion"
@@ -175,7 +177,7 @@ class _Completion:
             if time.monotonic() - self._checked >= 0.25:
                 self._checked = time.monotonic()
                 if await self.request.is_disconnected():
-                    self.job.cancelled.set()
+                    self.withdraw(self.job)  # a queued job gives its place back now
                     return None
             try:
                 return await asyncio.wait_for(self.events.get(), timeout=0.25)
@@ -219,7 +221,7 @@ class _Completion:
                 return {"id": self.rid, "object": self.obj, "created": int(time.time()), "model": self.model_name,
                         "choices": [choice], "usage": self.usage(ev), "hypervocab": {"pieces": pieces}}
         finally:
-            self.job.cancelled.set()  # a no-op once finished; stops the work if this task was cancelled (shutdown)
+            self.withdraw(self.job)  # a no-op once finished; stops the work if this task was cancelled (shutdown)
 
     def streamed(self) -> Any:
         """The answer as server-sent events, while the job runs."""
@@ -277,7 +279,7 @@ class _Completion:
             yield self._error_event(APIError(500, f"internal error: {type(e).__name__}: {clip(str(e))}",
                                              type="server_error"))
         finally:
-            self.job.cancelled.set()  # a no-op once finished; stops the work when the client went away
+            self.withdraw(self.job)  # a no-op once finished; stops the work when the client went away
 
 
 class _Handlers:
@@ -289,17 +291,25 @@ class _Handlers:
         self.model_name = model_name
         self.created = int(time.time())
         self.page, self.page_headers = _playground_page(model_name, api_key)
+        # as many parses at once as the pool has threads: the rest wait here, on the event loop, where a
+        # departed client is noticed before its body is parsed
+        self.parsing = asyncio.Semaphore(PARSE_THREADS)
 
     async def prepare(self, request: Any, parse: Any) -> "Prepared":
         ctype = request.headers.get("content-type")
-        if ctype is not None:
-            mime = ctype.split(";", 1)[0].strip().lower()
-            if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
-                # also a defence: a browser sends a cross-site form or text/plain post without asking first
-                raise APIError(415, f"Content-Type must be application/json, got {short(ctype)}",
-                               code="unsupported_media_type")
+        mime = (ctype or "").split(";", 1)[0].strip().lower()
+        if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+            # also a defence: a browser sends a cross-site form, text/plain or a bodyless-type post (a Blob,
+            # sendBeacon) without asking first
+            raise APIError(415, f"Content-Type must be application/json, got {short(ctype) if ctype else 'none'}",
+                           code="unsupported_media_type")
         body = await request.body()  # already read (and limited) by the guard
-        return await asyncio.get_running_loop().run_in_executor(self.pool, parse, body)
+        # at most a few parses at once: each holds a whole body, and many large ones would starve the rest
+        async with self.parsing:
+            if await request.is_disconnected():  # its client left while it waited: nobody wants the answer
+                raise APIError(499, "the client closed the connection before its request was read",
+                               code="client_closed")
+            return await asyncio.get_running_loop().run_in_executor(self.pool, parse, body)
 
     async def run(self, request: Any, prepared: "Prepared", *, chat: bool) -> Any:
         loop = asyncio.get_running_loop()
@@ -313,7 +323,8 @@ class _Handlers:
                                headers={"Retry-After": "5"}) from None
             raise APIError(429, str(e), code="rate_limit_exceeded", type="rate_limit_error",
                            headers={"Retry-After": str(self.engine.retry_after())}) from None
-        completion = _Completion(request, job, events, prepared, chat=chat, model_name=self.model_name)
+        completion = _Completion(request, job, events, prepared, chat=chat, model_name=self.model_name,
+                                 withdraw=self.engine.withdraw)
         return completion.streamed() if prepared.stream else await completion.whole()
 
 
@@ -336,9 +347,16 @@ def _add_routes(app: Any, h: _Handlers) -> None:
                                             "owned_by": "hypervocab"}]}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": h.model_name, "waiting": h.engine.waiting, "served": h.engine.served,
-                "cancelled": h.engine.cancelled}
+    async def health() -> Any:
+        from fastapi.responses import JSONResponse
+
+        engine = h.engine
+        body = {"status": "ok", "model": h.model_name, "waiting": engine.waiting, "running": engine.running,
+                "served": engine.served, "cancelled": engine.cancelled}
+        if not engine.alive or engine.closing:  # load balancers: send nothing here
+            body["status"] = "shutting_down" if engine.closing else "worker_stopped"
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -351,7 +369,7 @@ def _add_routes(app: Any, h: _Handlers) -> None:
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", limits: ServeLimits | None = None,
                api_key: str | None = None, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
-               prompt_lookup: int = 0) -> Any:
+               prompt_lookup: int = 0, allowed_origins: Sequence[str] | None = None) -> Any:
     """A FastAPI app serving ``model`` (a :class:`~hypervocab.HyperModel`) with its base ``tokenizer``.
 
     Requests are queued and generated together, joining and leaving one running batch at step
@@ -361,7 +379,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
     api_key: clients must send ``Authorization: Bearer <api_key>`` (all paths but ``/health`` and the
     playground page ``/``); allowed_hosts: the names the ``Host`` header may give (``*.example.com``
     patterns; ``"*"`` or ``None``: any), the loopback names by default, against DNS rebinding;
-    prompt_lookup: draft codes per step of speculative decoding for a request alone in the batch (0: off).
+    prompt_lookup: draft codes per step of speculative decoding for a request alone in the batch (0: off);
+    allowed_origins: web origins (``https://app.example.com``) whose pages may POST here; ``None``: only the
+    server's own (its playground), ``["*"]``: any.  Browsers' other cross-site POSTs get 403.
     """
     fastapi = _fastapi()
     from .schema import RequestParser
@@ -374,13 +394,15 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
     metrics = Metrics(engine, max_batch_size=limits.max_batch_size)
     parser = RequestParser(tokenizer, model_name=model_name, vocab_size=model.codec.base_vocab_size, limits=limits)
     # JSON parsing and tokenizing run here, off the event loop (the tokenizer releases the GIL)
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hypervocab-parse")
+    pool = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="hypervocab-parse")
     app = fastapi.FastAPI(title="hypervocab", version=model.config.hypervocab_version,
                           lifespan=_lifespan(engine, pool), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.metrics = metrics
     app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout,
-                       allowed_hosts=hosts, api_key=api_key, open_paths=_OPEN_PATHS, count=metrics.count)
+                       allowed_hosts=hosts, api_key=api_key, open_paths=_OPEN_PATHS, count=metrics.count,
+                       allowed_origins=None if allowed_origins is None else [o.rstrip("/") for o in allowed_origins],
+                       get_paths=("/", "/health", "/metrics", "/v1/models"))
     _add_error_handlers(app)
     _add_routes(app, _Handlers(engine, metrics, parser, pool, model_name=model_name, api_key=api_key))
     return app

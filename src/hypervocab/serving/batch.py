@@ -214,13 +214,18 @@ class RunningBatch:
             rows.append(row)
         if not parts:
             return ended
-        if self.session is not None:
-            self._drop_draft()  # a draft is one sequence's: leave it before others join
-            parts.insert(0, self.session)
-            logits.insert(0, self.logits)
-        self.session = HyperSession.concat(parts)
-        self.session.compact()
-        self.logits = torch.cat(logits)
+        try:
+            if self.session is not None:
+                self._drop_draft()  # a draft is one sequence's: leave it before others join
+                parts.insert(0, self.session)
+                logits.insert(0, self.logits)
+            session = HyperSession.concat(parts)
+            session.compact()
+            merged = torch.cat(logits)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory while the caches merge
+            # concat consumes its parts: the running rows' state is no longer known either, so they end too
+            return ended + [(r.job, error_result(e)) for r in rows] + self.fail(e)
+        self.session, self.logits = session, merged
         self.rows += rows
         return ended
 

@@ -11,15 +11,15 @@ the server's ``/metrics`` reports.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
-import queue
 import threading
 import time
 from typing import Any
 
 from ..errors import HypervocabError, check_int
-from .batch import MIN_TEMPERATURE, Finished, Job, Piece, RunningBatch
+from .batch import MIN_TEMPERATURE, Finished, Job, Piece, RunningBatch, error_result
 
 __all__ = ["Engine", "Job", "QueueFullError", "Piece", "Finished", "MIN_TEMPERATURE"]
 
@@ -36,6 +36,11 @@ class Engine:
     max_batch_size: requests generated at once (1: one at a time);
     prompt_lookup: draft codes per step of speculative decoding while a request is alone in the batch
     (0: off; see :mod:`hypervocab.speculative`).
+
+    Failures never stop the worker: a request whose prompt cannot be read ends with an error; a failure
+    while requests join the batch (an out-of-memory merging the caches) or during a step ends the
+    requests whose state it touched with an error, and the worker goes on with the next.  :attr:`alive`
+    says whether the worker runs (``/health`` answers 503 when it does not).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_queue: int = 32, max_batch_size: int = 16,
@@ -44,28 +49,37 @@ class Engine:
         self.max_queue = check_int("max_queue", max_queue, minimum=1)
         self.max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
         self.prompt_lookup = check_int("prompt_lookup", prompt_lookup, minimum=0)
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._waiting = 0
-        self._lock = threading.Lock()
+        self._queue: collections.deque[Job] = collections.deque()  # waiting jobs, oldest first
+        self._wake = threading.Condition()  # guards the queue, _closing, _draining and _current
+        self._lock = self._wake  # one lock for all the engine's shared state
         self._current: list[Job] = []  # the jobs in the running batch (the worker updates it)
-        self._closing = False
+        self._closing = False  # close(): refuse, cancel everything, stop the worker
+        self._draining = False  # drain(): refuse, cancel the queue, let the running requests finish
         self.served = self.cancelled = 0  # requests finished (stopped, length or error) / cancelled
         self._totals: dict[str, float] = dict.fromkeys(
             ("prompt_tokens", "prompt_codes", "completion_tokens", "completion_codes", "hypertokens",
              "queue_seconds", "run_seconds"), 0)
         self._reasons: dict[str, int] = {}
         self._mean_seconds = 0.0  # moving mean of a request's run time, for Retry-After
+        self.worker_error: str | None = None  # what stopped the worker, if anything ever does
         self._thread = threading.Thread(target=self._work, name="hypervocab-engine", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        """Requests in the queue whose callers are still there."""
+        with self._lock:
+            return sum(not j.cancelled.is_set() for j in self._queue)
 
     @property
     def closing(self) -> bool:
-        """True once :meth:`close` was called: new requests are refused."""
-        return self._closing
+        """True once :meth:`close` or :meth:`drain` was called: new requests are refused."""
+        return self._closing or self._draining
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it only stops after :meth:`close`)."""
+        return self._thread.is_alive()
 
     @property
     def running(self) -> int:
@@ -73,56 +87,126 @@ class Engine:
         return len(self._current)
 
     def retry_after(self) -> int:
-        """Seconds a client turned away by a full queue should wait: about one request's run time, 1 to 60."""
-        return max(1, min(60, math.ceil(self._mean_seconds)))
+        """Seconds a client turned away by a full queue should wait, 1 to 60: the time for the requests ahead
+        of it to get a row, from the measured mean run time of a request and the batch size."""
+        ahead = self.waiting + 1
+        rounds = math.ceil(ahead / self.max_batch_size)
+        return max(1, min(60, math.ceil(self._mean_seconds * rounds)))
 
     def stats(self) -> dict[str, Any]:
         """Totals since the start: tokens and codes (cancelled requests count what they used), requests by
         how they ended, seconds spent waiting and running; and the queue and batch now."""
+        waiting = self.waiting
         with self._lock:
-            return {**self._totals, "finish_reasons": dict(self._reasons), "waiting": self._waiting,
+            return {**self._totals, "finish_reasons": dict(self._reasons), "waiting": waiting,
                     "running": self.running, "served": self.served, "cancelled": self.cancelled}
 
     def submit(self, job: Job) -> None:
-        with self._lock:
-            if self._closing:
+        """Queue ``job``; raises :class:`QueueFullError` when the queue is full or the server is stopping.
+
+        Jobs whose callers left (``cancelled``) give their place back at once: they are withdrawn here,
+        and by :meth:`withdraw` when the caller notices first."""
+        gone: list[Job] = []
+        with self._wake:
+            if self._closing or self._draining:
                 raise QueueFullError("the server is shutting down: retry on another server")
-            if self._waiting >= self.max_queue:
-                raise QueueFullError(f"{self._waiting} requests are already waiting (max_queue={self.max_queue}): "
+            if len(self._queue) >= self.max_queue:
+                gone = [j for j in self._queue if j.cancelled.is_set()]
+                self._queue = collections.deque(j for j in self._queue if not j.cancelled.is_set())
+            if len(self._queue) >= self.max_queue:
+                self._end_all(gone)
+                raise QueueFullError(f"{len(self._queue)} requests are already waiting (max_queue={self.max_queue}): "
                                      "retry later")
-            self._waiting += 1
-        self._queue.put(job)
+            self._queue.append(job)
+            self._wake.notify()
+        self._end_all(gone)
+
+    def withdraw(self, job: Job) -> None:
+        """The caller of ``job`` left: cancel it, and if it still waits, take it out of the queue now."""
+        job.cancelled.set()
+        with self._wake:
+            if not any(j is job for j in self._queue):
+                return  # it runs (it leaves the batch at the next step) or it ended
+            self._queue = collections.deque(j for j in self._queue if j is not job)
+        self._end_all([job])
+
+    def drain(self, grace: float) -> threading.Thread:
+        """Stop admitting (:meth:`submit` raises), end every queued request as cancelled now, and let the
+        running ones finish for up to ``grace`` seconds; then cancel those too.  Returns the timer thread
+        (joined, it has done all of that).  What a shutdown signal calls before the server closes."""
+        with self._wake:
+            self._draining = True
+            queued = list(self._queue)
+            self._queue.clear()
+        for job in queued:
+            job.cancelled.set()
+        self._end_all(queued)
+
+        def later() -> None:
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and self.running:
+                time.sleep(0.02)
+            with self._lock:
+                for job in self._current:
+                    job.cancelled.set()
+
+        timer = threading.Thread(target=later, name="hypervocab-drain", daemon=True)
+        timer.start()
+        return timer
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel the running requests and every queued one, and stop the worker (waits up to ``timeout`` s)."""
-        with self._lock:
+        with self._wake:
             self._closing = True
             for job in self._current:
                 job.cancelled.set()
-        self._queue.put(None)
+            queued = list(self._queue)
+            self._queue.clear()
+            self._wake.notify_all()
+        for job in queued:
+            job.cancelled.set()
+        self._end_all(queued)
         self._thread.join(timeout=timeout)
+
+    def _end_all(self, jobs: list[Job]) -> None:
+        """Tell the callers of jobs that never ran that they were cancelled."""
+        for job in jobs:
+            self._finish(job, Finished("cancelled"))
 
     def _work(self) -> None:
         import torch
 
         torch.set_grad_enabled(False)  # grad mode is per thread
         batch = RunningBatch(self.model, self.tokenizer, prompt_lookup=self.prompt_lookup)
-        stopping = False
-        while not stopping or len(batch):
-            jobs, stopping = self._take(block=not len(batch) and not stopping,
-                                        room=self.max_batch_size - len(batch), stopping=stopping)
-            start = time.monotonic()
-            ended = batch.join(jobs)
-            with self._lock:
-                self._current = batch.jobs
-                if self._closing:  # close() came while these joined
-                    for job in self._current:
-                        job.cancelled.set()
-            if len(batch):
+        while True:
+            jobs = self._take(block=not len(batch), room=self.max_batch_size - len(batch))
+            if jobs is None:  # closed: the running rows leave as cancelled, with what they used
+                for job in batch.jobs:
+                    job.cancelled.set()
                 try:
+                    ended = batch.step() if len(batch) else []
+                except Exception as e:  # noqa: BLE001
+                    ended = batch.fail(e)
+                with self._lock:
+                    self._current = batch.jobs
+                for job, result in ended:
+                    self._finish(job, result)
+                return
+            start = time.monotonic()
+            ended: list[tuple[Job, Finished]] = []
+            try:
+                ended += batch.join(jobs)
+                with self._lock:
+                    self._current = batch.jobs
+                    if self._closing:  # close() came while these joined
+                        for job in self._current:
+                            job.cancelled.set()
+                if len(batch):
                     ended += batch.step()
-                except Exception as e:  # noqa: BLE001 - a failed step ends the batch's requests, not the server
-                    ended += batch.fail(e)
+            except Exception as e:  # noqa: BLE001 - a failure ends the requests it touched, never the worker
+                known = {id(j) for j, _ in ended} | {id(j) for j in batch.jobs}
+                ended += [(j, error_result(e)) for j in jobs if id(j) not in known]  # joined nowhere
+                ended += batch.fail(e)
             took = time.monotonic() - start
             with self._lock:
                 self._current = batch.jobs
@@ -130,24 +214,17 @@ class Engine:
             for job, result in ended:
                 self._finish(job, result)
 
-    def _take(self, *, block: bool, room: int, stopping: bool) -> tuple[list[Job], bool]:
-        """Waiting jobs that may join now (at most ``room``; waits for one if ``block``), and whether the
-        queue's end (``close``) was reached."""
-        jobs: list[Job] = []
-        while len(jobs) < room and not stopping:
-            try:
-                job = self._queue.get(block=block and not jobs)
-            except queue.Empty:
-                break
-            if job is None:
-                stopping = True
-                break
-            with self._lock:
-                self._waiting -= 1
-                if self._closing:
-                    job.cancelled.set()
-            jobs.append(job)
-        return jobs, stopping
+    def _take(self, *, block: bool, room: int) -> list[Job] | None:
+        """Waiting jobs that may join now (at most ``room``; waits for one if ``block``); ``None`` once closed."""
+        with self._wake:
+            while block and not self._queue and not self._closing:
+                self._wake.wait()
+            if self._closing:
+                return None
+            jobs = []
+            while self._queue and len(jobs) < room:
+                jobs.append(self._queue.popleft())
+            return jobs
 
     def _finish(self, job: Job, result: Finished) -> None:
         """Count a request that ended, and tell its caller."""

@@ -118,11 +118,14 @@ class Guard:
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, max_body_bytes: int, read_timeout: float,
                  allowed_hosts: list[str] | None, api_key: str | None, open_paths: set[str],
-                 count: Callable[[str, int], None]) -> None:
+                 count: Callable[[str, int], None], allowed_origins: list[str] | None = None,
+                 get_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.max_body_bytes, self.read_timeout = max_body_bytes, read_timeout
         self.allowed_hosts, self.open_paths, self.count = allowed_hosts, open_paths, count
         self.api_key = api_key.encode() if api_key else None
+        self.allowed_origins = allowed_origins  # None: same origin only; ["*"]: any
+        self.get_paths = set(get_paths)  # HEAD is answered on these as GET without the body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -137,6 +140,9 @@ class Guard:
             return
         path = scope.get("path", "")
         status: list[int] = []
+        head = scope.get("method") == "HEAD" and path in self.get_paths
+        if head:  # HEAD is GET without the body (RFC 9110), with the same headers
+            scope = {**scope, "method": "GET"}
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -145,7 +151,11 @@ class Guard:
                 extra = [(k, v) for k, v in SECURITY_HEADERS if k not in have]
                 if b"content-security-policy" not in have:
                     extra.append((b"content-security-policy", DEFAULT_CSP))
+                if b"cache-control" not in have:  # answers are per request: nothing may be cached
+                    extra.append((b"cache-control", b"no-store"))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -175,6 +185,13 @@ class Guard:
             return APIError(400, f"Host {short(headers.get('host', ''))} is not allowed by this server "
                             f"(allowed: {', '.join(self.allowed_hosts or [])}; see --allowed-hosts)",
                             code="host_not_allowed")
+        if sum(k.lower() == b"authorization" for k, _ in scope.get("headers", [])) > 1:
+            return APIError(400, "the request has several Authorization headers: send one", code="invalid_api_key")
+        foreign = self._cross_site(scope, headers)
+        if foreign is not None:
+            return APIError(403, f"cross-site requests are refused ({foreign}); a web page on another site "
+                            "may not use this server unless it is allowed with --allowed-origins",
+                            code="cross_site_request")
         if self.api_key is not None and scope.get("path") not in self.open_paths:
             auth = headers.get("authorization", "")
             scheme, _, key = auth.partition(" ")
@@ -188,6 +205,27 @@ class Guard:
         if declared is not None and re.fullmatch(r"\s*[0-9]+\s*", declared) and int(declared) > self.max_body_bytes:
             return APIError(413, f"the request body is {int(declared)} bytes, over this server's limit of "
                             f"{self.max_body_bytes} (--max-body-bytes)", code="request_too_large")
+        return None
+
+    def _cross_site(self, scope: Scope, headers: dict[str, str]) -> str | None:
+        """Why a request that may change state (not GET, HEAD or OPTIONS) comes from another site, or None.
+
+        A browser says so itself (``Sec-Fetch-Site: cross-site``) and names the page's origin (``Origin``);
+        clients that are not browsers send neither.  Without this, a page anywhere could make a keyless
+        server on the visitor's machine generate, with ``fetch(..., {mode: "no-cors"})`` or ``sendBeacon``.
+        """
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return None
+        allowed = self.allowed_origins
+        origin = headers.get("origin")
+        if allowed is not None and ("*" in allowed or (origin is not None and origin.rstrip("/") in allowed)):
+            return None
+        # same origin: the page was served by this very host and port
+        if origin is not None and origin.partition("://")[2].rstrip("/").lower() != \
+                headers.get("host", "").strip().lower():
+            return f"Origin {short(origin)}"
+        if headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return "Sec-Fetch-Site: cross-site"
         return None
 
     async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes | APIError | None:

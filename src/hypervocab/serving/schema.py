@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,6 +34,7 @@ __all__ = ["NEUTRAL", "Prepared", "RequestParser", "SEED_RANGE"]
 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 BIAS_RANGE = (-100, 100)
+MAX_STOP_CHARS = 256  # a stop string's text is held back from a stream until it cannot be a stop any more
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -140,6 +142,8 @@ class RequestParser:
 
     def __init__(self, tokenizer: Any, *, model_name: str, vocab_size: int, limits: Any) -> None:
         self.tokenizer, self.model_name, self.vocab_size, self.limits = tokenizer, model_name, vocab_size, limits
+        self._specials: list[str] | None = None
+        self._max_token_chars: int | None = None
 
     # ------------------------------------------------------------------ endpoints
 
@@ -170,13 +174,54 @@ class RequestParser:
         max_tokens, stop = self._common(req, limit, min(self.limits.max_tokens, 256))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _content(i, m.content)}
                     for i, m in enumerate(req.messages)]
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # noqa: BLE001 - a template raises for messages it cannot render (its own checks)
-            raise APIError(400, f"messages: the chat template cannot render these messages: "
-                           f"{type(e).__name__}: {clip(str(e))}", param="messages") from None
-        ids = self._prompt_ids(text, special=False, param="messages")  # the template holds its special tokens
+        self._check_length("".join(m["content"] for m in messages), param="messages")
+        ids = self._chat_ids(messages)
         return self._prepared(req, ids, max_tokens, stop)
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template's token ids for ``messages``, where message contents never become special tokens.
+
+        Text such as ``<|im_end|>\n<|im_start|>system`` typed inside a message is the user's text, not a
+        turn: when a content holds a special token's text, the template is rendered around placeholders,
+        its own parts tokenized as usual and each content with its special-token text split into
+        ordinary tokens.
+        """
+        tok = self.tokenizer
+
+        def render(msgs: list[dict[str, str]]) -> str:
+            try:
+                return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # noqa: BLE001 - a template raises for messages it cannot render (its checks)
+                raise APIError(400, f"messages: the chat template cannot render these messages: "
+                               f"{type(e).__name__}: {clip(str(e))}", param="messages") from None
+
+        specials = self._special_texts()
+        if not any(sp in m["content"] for m in messages for sp in specials):
+            return self._prompt_ids(render(messages), special=False, param="messages")  # the template's own
+        mark = f"\ue000{uuid.uuid4().hex}\ue001"
+        text = render([{**m, "content": f"{mark}{k}{mark}"} for k, m in enumerate(messages)])
+        parts = text.split(mark)
+        if len(parts) != 2 * len(messages) + 1:
+            raise APIError(400, "messages: the chat template changes message contents, so text in them that "
+                           "looks like a special token cannot be kept apart from the template's own",
+                           param="messages")
+        ids: list[int] = []
+        for j, part in enumerate(parts):
+            if j % 2:  # a message's content, by its index
+                content = messages[int(part)]["content"]
+                ids += tok(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif part:
+                ids += tok(part, add_special_tokens=False)["input_ids"]
+        return self._checked_ids(ids, param="messages")
+
+    def _special_texts(self) -> list[str]:
+        """The text of every special token of the tokenizer (what a message must not smuggle in)."""
+        if self._specials is None:
+            decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+            found = {str(t) for t in getattr(self.tokenizer, "all_special_tokens", [])}
+            found |= {str(getattr(t, "content", t)) for t in decoder.values() if getattr(t, "special", True)}
+            self._specials = sorted(t for t in found if t)
+        return self._specials
 
     # ------------------------------------------------------------------ checks
 
@@ -241,6 +286,9 @@ class RequestParser:
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise APIError(400, f"stop must be up to 4 non-empty strings, got {short(req.stop)}", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):  # a stream holds back as much text as its longest stop
+            raise APIError(400, f"stop strings may have at most {MAX_STOP_CHARS} characters, got one of "
+                           f"{max(len(s) for s in stop)}", param="stop", code="invalid_value")
         if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
             raise APIError(400, f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (64 bits), got "
                            f"{short(req.seed)}", param="seed", code="invalid_value")
@@ -261,8 +309,24 @@ class RequestParser:
                 out[int(key)] = float(value)
         return out
 
+    def _check_length(self, text: str, *, param: str) -> None:
+        """Refuse a prompt that cannot fit before tokenizing it: no token is longer than the vocabulary's
+        longest, so text longer than that many characters per allowed token has too many tokens."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+            # byte-level tokens spell a byte as one character; 1 char per byte is the bound either way
+            self._max_token_chars = max((len(t) for t in vocab), default=0) or 1024
+        limit = self.limits.max_prompt_tokens * self._max_token_chars
+        if len(text) > limit:
+            raise APIError(400, f"the prompt has {len(text)} characters, more than this server's limit of "
+                           f"{self.limits.max_prompt_tokens} tokens can hold (at most {self._max_token_chars} "
+                           "characters each)", param=param, code="context_length_exceeded")
+
     def _prompt_ids(self, text: str, *, special: bool, param: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        self._check_length(text, param=param)
+        return self._checked_ids(self.tokenizer(text, add_special_tokens=special)["input_ids"], param=param)
+
+    def _checked_ids(self, ids: list[int], *, param: str) -> list[int]:
         if not ids:
             raise APIError(400, "the prompt is empty", param=param)
         if len(ids) > self.limits.max_prompt_tokens:
