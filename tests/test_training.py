@@ -419,3 +419,52 @@ def test_a_teacher_reading_half_the_windows_trains_and_resumes_exactly(base_dir,
         logs.append([(r["lm_loss"], r["distill_loss"], r["recon_loss"]) for r in metrics(out) if "lm_loss" in r])
     assert len(logs[0]) == 4 and logs[0] == logs[1]
     assert all(d > 0 for _, d, _ in logs[0])
+
+
+def test_a_run_continues_a_trained_model_at_its_step_with_a_fresh_warm_up(base_dir, repetitive_data, tmp_path):
+    """init_from: the weights of a finished model, its step from training_facts.json; the schedule over the whole
+    run goes on from there, warming up again (AdamW restarts), and the data order continues."""
+    from hypervocab.training.trainer import _schedule
+
+    first = tmp_path / "first"
+    train(config(base_dir, repetitive_data, first, max_steps=20), progress=False)
+    (first / "training_facts.json").write_text(json.dumps({"steps": 20, "base_tokens_seen": 5120}))
+    fresh_first = [r for r in metrics(first) if "lm_loss" in r]
+    cfg = config(base_dir, repetitive_data, tmp_path / "second", max_steps=26, init_from=str(first), rewarm_steps=3)
+    train(cfg, progress=False)
+    rows = [r for r in metrics(tmp_path / "second") if "lm_loss" in r]
+    assert [r["step"] for r in rows] == list(range(21, 27))  # steps 21..26 of the whole run
+    factor = _schedule(cfg, 20)
+    for r in rows:  # the lr a step used: the whole run's cosine, times the new warm-up over 3 steps
+        assert r["lr"] == pytest.approx(cfg.lr * factor(r["step"] - 1))
+    assert rows[0]["lr"] == pytest.approx(cfg.lr * 0.25 * _schedule(cfg)(20))
+    # it starts where the first run stopped, far below where that one started
+    assert rows[0]["lm_loss"] < 0.8 * fresh_first[0]["lm_loss"]
+    assert abs(rows[0]["lm_loss"] - fresh_first[-1]["lm_loss"]) < 0.3 * fresh_first[-1]["lm_loss"]
+
+
+def test_init_from_is_checked_before_any_compute(base_dir, repetitive_data, tmp_path):
+    first = tmp_path / "first"
+    with pytest.raises(ConfigError, match=re.escape(f"init_from={str(first)!r}: {str(first / 'training_facts.json')!r}"
+                                                    " does not exist")):
+        train(config(base_dir, repetitive_data, tmp_path / "x", init_from=str(first)), progress=False)
+    train(config(base_dir, repetitive_data, first, max_steps=2), progress=False)
+    (first / "training_facts.json").write_text(json.dumps({"steps": 2}))
+    with pytest.raises(ConfigError, match=r"has trained 2 steps already, max_steps is 2: give the whole run's"):
+        train(config(base_dir, repetitive_data, tmp_path / "y", max_steps=2, init_from=str(first)), progress=False)
+    narrow = dict(r=4, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"])
+    with pytest.raises(ConfigError, match=r"was trained with lora.r=8, but this run has lora.r=4: set them equal"):
+        train(config(base_dir, repetitive_data, tmp_path / "z", max_steps=4, init_from=str(first), lora=narrow),
+              progress=False)
+    with pytest.raises(ConfigError, match=r"init_from must be a hypervocab model folder, 'default' or null, got ''"):
+        config(base_dir, repetitive_data, tmp_path / "w", init_from="")
+    from hypervocab.training.trainer import init_facts
+
+    folder, facts = init_facts("default")  # the shipped model says where its training stopped
+    assert (folder / "hypervocab_config.json").is_file() and facts["steps"] == 340 and facts["base_tokens_seen"] > 0
+    # the recipe's parts continue the shipped model, with checkpoints outside the work tree
+    root = Path(__file__).resolve().parents[1]
+    parts = TrainConfig.from_file(root / "recipes" / "smollm2-135m" / "train-parts.yaml")
+    assert parts.init_from == "default" and parts.max_steps > facts["steps"] and parts.max_minutes
+    assert not (root / parts.output_dir).resolve().is_relative_to(root)

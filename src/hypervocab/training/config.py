@@ -95,7 +95,7 @@ class LoraSettings:
 # (name, minimum, maximum or None, what it is) for the numeric fields of TrainConfig
 _INTS = {"window": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "warmup_steps": 0, "save_every": 0,
          "log_every": 1, "eval_every": 0, "eval_batches": 1, "seed": 0, "num_workers": 1, "loader_workers": 0,
-         "recon_entries": 1, "recon_negatives": 0, "distill_top_k": 0}
+         "recon_entries": 1, "recon_negatives": 0, "distill_top_k": 0, "rewarm_steps": 0}
 _FLOATS = {"lr": (0.0, False), "encoder_lr": (0.0, False), "weight_decay": (0.0, True), "min_lr_ratio": (0.0, True),
            "max_grad_norm": (0.0, False), "recon_weight": (0.0, True), "next_hyper_weight": (0.0, True),
            "distill_weight": (0.0, True)}
@@ -132,6 +132,11 @@ class TrainConfig:
     model sharded across processes, for models that do not fit in one device).
     Output: output_dir (checkpoints every save_every steps, metrics.jsonl, the final model), log_every,
     eval_every (0: only at the end), eval_batches, resume (continue from the newest checkpoint).
+    Continuing: init_from, a trained hypervocab model folder (``"default"``: the shipped one) with its
+    ``training_facts.json``: when ``output_dir`` holds no checkpoint yet, the run starts from its weights at
+    the step it stopped at, so the schedule (planned over the whole run's ``max_steps``) and the data order
+    go on from there; its optimiser state was not kept, so AdamW starts afresh and the learning rate warms
+    up again over rewarm_steps.
     """
 
     base_model: str
@@ -170,6 +175,8 @@ class TrainConfig:
     eval_batches: int = 8
     resume: bool = True
     distributed: str = "ddp"
+    init_from: str | None = None
+    rewarm_steps: int = 20
 
     def __post_init__(self) -> None:
         if isinstance(self.hyper, dict):
@@ -250,6 +257,8 @@ class TrainConfig:
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
             out.append(f"distill_fraction must be a number in (0, 1] (the share of windows the teacher reads), "
                        f"got {f!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            out.append(f"init_from must be a hypervocab model folder, 'default' or null, got {self.init_from!r}")
         if isinstance(self.min_lr_ratio, (int, float)) and self.min_lr_ratio > 1:
             out.append(f"min_lr_ratio must be at most 1, got {self.min_lr_ratio!r}")
         return out

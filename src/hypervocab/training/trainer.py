@@ -148,15 +148,80 @@ def compile_blocks(model: nn.Module) -> int:
     return len(found)
 
 
-def _schedule(config: TrainConfig):
+def _schedule(config: TrainConfig, start: int = 0):
+    """The learning-rate factor of each step: warmup, then cosine over the whole run's ``max_steps``; a run
+    continued from ``init_from`` at step ``start`` warms up again over ``rewarm_steps`` (fresh AdamW state)."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / (config.warmup_steps + 1)
         span = max(1, config.max_steps - config.warmup_steps)
         progress = min(1.0, (step - config.warmup_steps) / span)
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        out = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if start and start <= step < start + config.rewarm_steps:
+            out *= (step - start + 1) / (config.rewarm_steps + 1)
+        return out
 
     return factor
+
+
+def init_facts(init_from: str) -> tuple[Path, dict[str, Any]]:
+    """The folder ``init_from`` names (``"default"``: the shipped model) and its ``training_facts.json``."""
+    from ..pretrained import shipped_dir
+
+    folder = Path(shipped_dir()) if init_from == "default" else Path(init_from)
+    facts_path = folder / "training_facts.json"
+    if not facts_path.is_file():
+        raise ConfigError(f"init_from={init_from!r}: {str(facts_path)!r} does not exist; give a trained hypervocab "
+                          "model folder with its training_facts.json (as recipes/smollm2-135m/ship.py writes it), "
+                          "or 'default'")
+    facts = json.loads(facts_path.read_text())
+    if not isinstance(facts.get("steps"), int) or facts["steps"] < 0:
+        raise ConfigError(f"init_from={init_from!r}: training_facts.json must give the steps trained as an int, "
+                          f"got {facts.get('steps')!r}")
+    return folder, facts
+
+
+def _load_init(config: TrainConfig, model: Any, folder: Path) -> None:
+    """Copy the hyper-encoders and LoRA weights of the trained model in ``folder`` into ``model``."""
+    from safetensors.torch import load_file
+
+    from ..config import CONFIG_NAME
+    from ..model import WEIGHTS_NAME
+
+    saved = json.loads((folder / CONFIG_NAME).read_text())
+    for key in ("max_codebook_size", "max_subtokens", "encoder", "encoder_layers", "tie_encoders", "position_mode"):
+        mine = getattr(model.config, key)
+        if key in saved and saved[key] != mine:
+            raise ConfigError(f"init_from={config.init_from!r} was trained with hyper.{key}={saved[key]!r}, but "
+                              f"this run has hyper.{key}={mine!r}: set them equal")
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    for name in ("input_encoder", "output_encoder"):
+        if name == "output_encoder" and model.config.tie_encoders:
+            continue
+        part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        try:
+            getattr(model, name).load_state_dict(part, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"init_from={config.init_from!r}: its {name} does not fit this run's: {e}") from None
+    adapter = folder / "adapter_model.safetensors"
+    if config.lora is None or not adapter.is_file():
+        if (config.lora is None) != (not adapter.is_file()):
+            raise ConfigError(f"init_from={config.init_from!r} {'has' if adapter.is_file() else 'has no'} a LoRA "
+                              f"adapter but this run's lora is {config.lora!r}")
+        return
+    ac = json.loads((folder / "adapter_config.json").read_text())
+    for key, mine in (("r", config.lora.r), ("lora_alpha", config.lora.alpha)):
+        if ac.get(key) != mine:
+            name = "lora.alpha" if key == "lora_alpha" else "lora.r"
+            raise ConfigError(f"init_from={config.init_from!r} was trained with {name}={ac.get(key)!r}, but this run "
+                              f"has {name}={mine!r}: set them equal")
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model.base, load_file(str(adapter)))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ConfigError(f"init_from={config.init_from!r}: its adapter has weights this run's LoRA lacks "
+                          f"(lora.target_modules differ?), e.g. {unexpected[0]}")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -376,6 +441,10 @@ def _set_up(config: TrainConfig, progress: bool | None) -> _Run:
     from .data import MixtureOrder
 
     started = time.perf_counter()
+    init = init_facts(config.init_from) if config.init_from is not None else None  # before any compute
+    if init is not None and init[1]["steps"] >= config.max_steps:
+        raise ConfigError(f"init_from={config.init_from!r} has trained {init[1]['steps']} steps already, max_steps "
+                          f"is {config.max_steps}: give the whole run's max_steps")
     rank, world = _dist()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -403,11 +472,27 @@ def _set_up(config: TrainConfig, progress: bool | None) -> _Run:
     sharded = world > 1 and config.distributed == "fsdp"
     if sharded:
         _shard(objective)  # before the optimiser: FSDP replaces the parameters with their shards
-    opt, trainable = _optimiser(config, model, aux, device, sharded=sharded)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config))
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
-    step = 0
+    init_step = 0
     done = _checkpoints(out_dir) if config.resume else []
+    if init is not None:
+        folder, facts = init
+        init_step = facts["steps"]
+        if not done:
+            _load_init(config, model, folder)
+            if rank == 0:
+                print(f"hypervocab train: starting from {folder} at step {init_step} (about "
+                      f"{facts.get('base_tokens_seen', '?')} base tokens seen); AdamW starts afresh, the learning "
+                      f"rate warms up again over {config.rewarm_steps} steps", file=sys.stderr, flush=True)
+    opt, trainable = _optimiser(config, model, aux, device, sharded=sharded)
+    schedule = _schedule(config, init_step)
+    if init_step and not done:  # the schedule goes on at the step the weights stopped at
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=init_step - 1)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
+    step = init_step if not done else 0
     if done:
         step = _load_checkpoint(done[-1], objective, opt, sched, sharded=sharded)
     if rank == 0:
