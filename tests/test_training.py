@@ -465,6 +465,9 @@ def test_init_from_is_checked_before_any_compute(base_dir, repetitive_data, tmp_
     assert (folder / "hypervocab_config.json").is_file() and facts["steps"] == 340 and facts["base_tokens_seen"] > 0
     # the recipe's parts continue the shipped model, with checkpoints outside the work tree
     root = Path(__file__).resolve().parents[1]
-    parts = TrainConfig.from_file(root / "recipes" / "smollm2-135m" / "train-parts.yaml")
-    assert parts.init_from == "default" and parts.max_steps > facts["steps"] and parts.max_minutes
-    assert not (root / parts.output_dir).resolve().is_relative_to(root)
+    import yaml
+
+    # read as written: its data folders exist only once prepare_data.py has run, which a fresh clone has not
+    parts = yaml.safe_load((root / "recipes" / "smollm2-135m" / "train-parts.yaml").read_text())
+    assert parts["init_from"] == "default" and parts["max_steps"] > facts["steps"] and parts["max_minutes"]
+    assert not (root / parts["output_dir"]).resolve().is_relative_to(root)
