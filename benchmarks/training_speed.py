@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="steps per timed block (default 3)")
     p.add_argument("--blocks", type=int, default=2, help="timed blocks of each run (default 2)")
     p.add_argument("--distill-weight", type=float, default=1.0, help="hypervocab's distillation weight (default 1)")
+    p.add_argument("--phrase-weight", type=float, default=0.0,
+                   help="hypervocab's phrase-ceiling weight (default 0: off)")
     p.add_argument("--distill-top-k", type=int, default=64,
                    help="teacher tokens kept by the distillation, 0 for the whole distribution (default 64)")
     p.add_argument("--distill-fraction", type=float, default=0.5,
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             compile_blocks(model)
     cfg = TrainConfig(base_model=args.model, data=[args.model], output_dir="unused", window=args.window,
                       batch_size=args.batch, distill_weight=args.distill_weight, distill_top_k=args.distill_top_k,
+                      phrase_weight=args.phrase_weight,
                       distill_fraction=args.distill_fraction, recon_entries=args.recon_entries,
                       recon_negatives=args.recon_negatives)
     objective = Objective(hyper, cfg, None if dtype == torch.float32 else dtype).to(device).train()
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     windows = WindowSet(np.stack(codes), np.stack(codes), np.full(n, L), np.asarray(n_base), np.zeros(n, np.int64))
     maker = BatchMaker(hyper.codec, position_mode="base", exact=True, score_next_id=True,
                        recon_entries=args.recon_entries, recon_negatives=args.recon_negatives,
-                       teacher=args.distill_weight > 0, distill_fraction=args.distill_fraction)
+                       teacher=args.distill_weight > 0 or args.phrase_weight > 0,
+                       distill_fraction=args.distill_fraction)
     batches = iter(micro_batches(windows, MixtureOrder(windows, [1.0], 0), maker, batch_size=B, grad_accum=1,
                                  world=1, rank=0, seed=0, start_step=0, max_steps=total_steps,
                                  workers=args.loader_workers, pin=device.type == "cuda"))
@@ -235,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     # trained position), the attention's forward and backward, and the teacher's forward (2N per base token read)
     flops = {"plain": (4 * params + attn) * B * L,
              "hyper": (4 * params + attn) * B * L
-             + (2 * params * base_per_step * args.distill_fraction if args.distill_weight > 0 else 0)}
+             + (2 * params * base_per_step * args.distill_fraction
+                if args.distill_weight > 0 or args.phrase_weight > 0 else 0)}
     tokens = {"plain": B * L, "hyper": base_per_step}
     distill = (f"distill {args.distill_weight:g} (top {args.distill_top_k or 'all'}, "
                f"{args.distill_fraction:g} of windows)" if args.distill_weight > 0 else "no distillation")
+    if args.phrase_weight > 0:
+        distill += f", phrase ceiling {args.phrase_weight:g}"
     names = {"plain": "plain LoRA causal LM",
              "hyper": f"hypervocab uptraining (C=1024, M=4, {distill}, recon 0.1 on {args.recon_entries} entries "
                       f"vs {args.recon_negatives or 'all'} sampled ids{', unfused scoring' if args.unfused else ''})"}

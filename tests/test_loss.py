@@ -306,3 +306,138 @@ def test_train_scores_refuses_a_teacher_without_first_tokens(smollm2_tokenizer):
     with pytest.raises(InputTypeError, match=r"train_scores: a teacher needs first= \(first_tokens of the batch\)"):
         train_scores(model, out.hidden_states, out.head_context, next_code_targets(x, mask),
                      teacher=Teacher(out.hidden_states))
+
+
+# ------------------------------------------------------------------------------------------ the phrase ceiling
+
+import math  # noqa: E402
+
+from hypervocab.loss import phrase_ceiling, phrase_excess, row_phrases  # noqa: E402
+
+
+def ceiling_by_hand(row: list[int], nxt: list[int], lp: list[float]) -> float:
+    """The bound of phrase_ceiling's docstring, read token by token."""
+    total = 0.0
+    for i, token in enumerate(t for t in row if t >= 0):
+        if i >= len(nxt) or nxt[i] < 0:
+            return total  # the text is unknown from here: the bound stops
+        if token != nxt[i]:
+            return max(total + math.log(-math.expm1(min(lp[i], -1e-7))), -80.0)
+        total += lp[i]
+    return max(total, -80.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_the_phrase_ceiling_is_the_bound_read_token_by_token(data):
+    B, c = data.draw(st.integers(1, 2), label="B"), data.draw(st.integers(1, 3), label="c")
+    W, M = data.draw(st.integers(0, 5), label="W"), data.draw(st.integers(1, 4), label="M")
+    token = st.integers(0, 2)
+    rows = []
+    for _ in range(B * W):
+        k = data.draw(st.integers(0, M), label="row length")
+        rows.append([data.draw(token) for _ in range(k)] + [-1] * (M - k))
+    nxt, lp = [], []
+    for _ in range(B * c):
+        known = data.draw(st.integers(0, M), label="known next tokens")
+        nxt.append([data.draw(token) for _ in range(known)] + [-1] * (M - known))
+        lp.append([data.draw(st.floats(-6.0, 0.0)) for _ in range(M)])
+    phrases = torch.tensor(rows, dtype=torch.long).view(B, W, M)
+    got = phrase_ceiling(phrases, torch.tensor(nxt).view(B, c, M), torch.tensor(lp).view(B, c, M))
+    assert got.shape == (B, c, W)
+    for b in range(B):
+        for t in range(c):
+            for w in range(W):
+                want = ceiling_by_hand(rows[b * W + w], nxt[b * c + t], lp[b * c + t])
+                assert float(got[b, t, w]) == pytest.approx(want, rel=1e-5, abs=1e-5), (b, t, w)
+
+
+def test_row_phrases_are_the_codebook_rows(smollm2_tokenizer):
+    """Every hypertoken of the input decodes to its table row's phrase."""
+    model = make("llama", smollm2_tokenizer)
+    x, mask, _ = batch(model, smollm2_tokenizer)
+    prep = PreparedCodebooks.from_codes(model.codec, x)
+    rows = row_phrases(prep, prep.width)
+    seen = 0
+    for b in range(2):
+        state = model.codec.decoder_state()
+        for code in x[b][mask[b] > 0].tolist():
+            ids = state.push(code).ids.tolist()
+            if code >= V:
+                assert [t for t in rows[b, code - V].tolist() if t >= 0] == ids
+                seen += 1
+    assert seen > 20
+
+
+def drawn_next_text(data, prep: PreparedCodebooks, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens that often follow a table row's phrase (so rows match), and low teacher log-probabilities
+    (so the ceiling binds)."""
+    rows = row_phrases(prep, prep.width)
+    B, W, M = rows.shape
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="next-text seed"))
+    nxt = torch.randint(0, V, (B, T, M), generator=g)
+    if W:
+        pick = torch.randint(0, W, (B, T), generator=g)
+        copied = rows.gather(1, pick.unsqueeze(-1).expand(B, T, M))
+        nxt = torch.where((torch.rand(B, T, 1, generator=g) < 0.7) & (copied >= 0), copied, nxt)
+    nxt[:, -1, -1] = -1  # the window's end: unknown
+    logp = -torch.rand(B, T, M, generator=g) * data.draw(st.sampled_from([2.0, 25.0]), label="teacher surprise")
+    return nxt, logp
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_fused_phrase_ceiling_equals_autograd(smollm2_tokenizer, data):
+    """The phrase ceiling's excess and its gradients, computed in place by the fused scorer, equal autograd
+    through the full logits, with and without the first-token distillation, whichever windows the teacher read."""
+    model, x, mask, prep, teacher_hidden = drawn_batch(data, smollm2_tokenizer)
+    rows = data.draw(st.sampled_from([None, [0], [1]]), label="teacher rows")
+    distill = data.draw(st.sampled_from([0.0, 1.0]), label="distill weight")
+    top_k = data.draw(st.sampled_from([0, 5]), label="top_k")
+    nxt, logp = drawn_next_text(data, prep, x.shape[1])
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        out = model(x, mask, codebooks=prep, compute_logits=False)
+        hidden = out.hidden_states
+        if not hidden.requires_grad:
+            hidden.requires_grad_(True)
+        hidden.retain_grad()
+        index = None if rows is None else torch.tensor(rows)
+        picked = [t if index is None else t[index] for t in (teacher_hidden, nxt, logp)]
+        teacher = Teacher(picked[0], index, top_k=top_k if fused else 0, next_tokens=picked[1], next_logp=picked[2])
+        s = train_scores(model, hidden, out.head_context, next_code_targets(x, mask), teacher=teacher,
+                         first=first_tokens(prep, out.head_context.table.shape[1]), distill_weight=distill,
+                         phrases=row_phrases(prep, out.head_context.table.shape[1]), phrase_weight=2.0, fused=fused)
+        s.loss.backward()
+        results.append((s, hidden.grad.clone(), encoder_grads(model)))
+    (got, g_hidden, g_enc), (want, w_hidden, w_enc) = results
+    close(got.phrase, want.phrase, "phrase excess")
+    if top_k == 0 or distill == 0:  # the reference's divergence is the exact one
+        close(got.loss.detach(), want.loss.detach(), "loss", floor=kl_floor(x))
+        close(g_hidden, w_hidden, "d/d hidden")
+        for a, b in zip(g_enc, w_enc):
+            close(a, b, "d/d output encoder")
+    assert float(got.phrase) >= 0
+    if prep.width and rows is None and float(logp.min()) < -12:  # a random model's rows (p ~ 1e-5) sit over these
+        assert float(got.phrase) > 0
+
+
+def test_phrase_excess_counts_only_the_mass_over_the_ceiling():
+    logp = torch.tensor([[[math.log(0.5), math.log(0.1), math.log(0.2)]]])
+    ceiling = torch.tensor([[[math.log(0.25), math.log(0.2), 0.0]]])
+    mask = torch.tensor([[[True, True, False]]])
+    # only the first row is over its ceiling: 0.5 * log(0.5 / 0.25)
+    assert float(phrase_excess(logp, ceiling, mask)) == pytest.approx(0.5 * math.log(2))
+
+
+def test_train_scores_refuses_a_phrase_weight_without_the_next_text(smollm2_tokenizer):
+    model = make("llama", smollm2_tokenizer)
+    x, mask, _ = batch(model, smollm2_tokenizer)
+    prep = PreparedCodebooks.from_codes(model.codec, x)
+    out = model(x, mask, codebooks=prep, compute_logits=False)
+    with pytest.raises(InputTypeError, match=r"train_scores: phrase_weight needs phrases= \(row_phrases of the batch\) "
+                                             r"and a teacher with next_tokens and next_logp"):
+        train_scores(model, out.hidden_states, out.head_context, next_code_targets(x, mask),
+                     teacher=Teacher(out.hidden_states), first=first_tokens(prep, out.head_context.table.shape[1]),
+                     phrases=row_phrases(prep, out.head_context.table.shape[1]), phrase_weight=1.0)

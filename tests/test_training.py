@@ -471,3 +471,76 @@ def test_init_from_is_checked_before_any_compute(base_dir, repetitive_data, tmp_
     parts = yaml.safe_load((root / "recipes" / "smollm2-135m" / "train-parts.yaml").read_text())
     assert parts["init_from"] == "default" and parts["max_steps"] > facts["steps"] and parts["max_minutes"]
     assert not (root / parts["output_dir"]).resolve().is_relative_to(root)
+
+
+# ------------------------------------------------------------------------------------------ the phrase ceiling
+
+
+def phrase_batch(codec, tok, n: int = 4):
+    import numpy as np
+
+    from hypervocab.training.batches import BatchMaker
+    from hypervocab.training.data import WindowSet
+
+    ids = tok("".join(LINES * 30))["input_ids"]
+    windows = [w.codes for w in codec.encode_windows(ids, 64)][:n]
+    codes = np.stack([np.pad(w, (0, 64 - len(w))) for w in windows])
+    ws = WindowSet(codes, codes, np.asarray([len(w) for w in windows]), np.full(n, 64), np.zeros(n, np.int64))
+    maker = BatchMaker(codec, position_mode="base", exact=True, score_next_id=True, recon_entries=20,
+                       recon_negatives=0, teacher=True)
+    return maker.make(ws, np.arange(n), np.random.default_rng(0))
+
+
+def test_the_teacher_reads_each_codes_next_base_tokens_and_their_log_probabilities(base_dir, repetitive_data,
+                                                                                   smollm2_tokenizer, tmp_path):
+    """phrase_weight: the teacher's view holds, after each code, the text's next M base tokens (-1 past its end)
+    and the base model's log-probability of each, as a full forward over the text gives them."""
+    from hypervocab.training.objective import Objective
+
+    cfg = config(base_dir, repetitive_data, tmp_path, phrase_weight=1.0)
+    model = HyperModel.from_base(transformers.AutoModelForCausalLM.from_pretrained(base_dir), smollm2_tokenizer,
+                                 cfg.hyper)
+    mb = phrase_batch(model.codec, smollm2_tokenizer)
+    teacher = Objective(model, cfg, None)._teacher(mb)
+    with torch.no_grad():
+        full = model(mb.base_ids, mb.base_mask, codebooks=mb.base_codebooks, compute_logits=False).hidden_states
+        logp = model.score(full, None).float().log_softmax(-1)  # [b, L, V]
+    M = model.codec.max_subtokens
+    b, L = mb.base_ids.shape
+    assert teacher.next_tokens.shape == teacher.next_logp.shape == (b, mb.code_end.shape[1], M)
+    checked = unknown = 0
+    for j in range(b):
+        n = int(mb.base_mask[j].sum())
+        for t in range(mb.code_end.shape[1]):
+            end = int(mb.code_end[j, t])
+            for i in range(M):
+                pos = end + 1 + i
+                if pos >= n:
+                    assert int(teacher.next_tokens[j, t, i]) == -1
+                    unknown += 1
+                    continue
+                token = int(mb.base_ids[j, pos])
+                assert int(teacher.next_tokens[j, t, i]) == token
+                assert float(teacher.next_logp[j, t, i]) == pytest.approx(float(logp[j, pos - 1, token]), abs=1e-4)
+                checked += 1
+    assert checked > 100 and unknown > 0
+
+
+def test_the_phrase_ceiling_trains_down_the_mass_over_it(base_dir, repetitive_data, smollm2_tokenizer, tmp_path):
+    """Two runs alike but for phrase_weight: the one trained on the phrase ceiling puts less mass over it on the
+    same batch afterwards, and logs the term."""
+    from hypervocab.loading import load
+    from hypervocab.training.objective import Objective
+
+    excess = {}
+    for weight in (0.0, 3.0):
+        out = tmp_path / f"w{weight}"
+        train(config(base_dir, repetitive_data, out, max_steps=10, phrase_weight=weight), progress=False)
+        rows = [r for r in metrics(out) if "lm_loss" in r]
+        assert ("phrase_loss" in rows[-1]) == (weight > 0)
+        model, _ = load(out, base_model=base_dir, dtype="float32")
+        cfg = config(base_dir, repetitive_data, out, phrase_weight=1.0)
+        with torch.no_grad():
+            excess[weight] = float(Objective(model, cfg, None)(phrase_batch(model.codec, smollm2_tokenizer))[1]
+                                   ["phrase_loss"])
+    assert excess[3.0] < 0.7 * excess[0.0], excess

@@ -15,6 +15,12 @@ Two losses come out of one scoring:
   model put it and stops every hypertoken from adding its first token's probability on top of that
   token's own (a built-in pull towards repeating the context, since entries only exist for phrases
   the context already holds).
+
+A third, optional (``phrase_weight``), bounds each hypertoken by its whole phrase: the **phrase ceiling**.
+The first-token distillation says how much mass the codes starting with a token may share, not how it is
+shared, and a model trained on it alone gives a hypertoken about its first token's probability whatever
+its tail (docs/training.md, "What the model writes").  The teacher's probability of the phrase, read along
+the text, caps it (:func:`phrase_ceiling`); the model pays for the mass it puts above the cap.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from .codebook import PreparedCodebooks
 from .embedding import HeadContext
 from .errors import InputTypeError
 
-__all__ = ["ChunkScores", "Teacher", "TrainScores", "first_tokens", "fusable", "next_code_targets", "score_chunks",
-           "train_scores"]
+__all__ = ["ChunkScores", "Teacher", "TrainScores", "first_tokens", "fusable", "next_code_targets", "phrase_ceiling",
+           "row_phrases", "score_chunks", "train_scores"]
 
 IGNORE_INDEX = -100
 # positions x ids of float32 logits scored at once (a few such tensors live together): about 200 MB on a
@@ -46,12 +52,14 @@ class ChunkScores:
     cross_entropy: the next-code cross-entropy.  distillation: the KL divergence of the model's first-token
     marginal from the teacher's next-token distribution (``None`` without a teacher).  hyper_correct /
     hyper_targets: positions whose target is a hypertoken, and how many of them the argmax gets right.
+    phrase: the phrase ceiling's excess mass (:func:`phrase_excess`; ``None`` unless asked for).
     """
 
     cross_entropy: torch.Tensor
     distillation: torch.Tensor | None
     hyper_correct: torch.Tensor
     hyper_targets: torch.Tensor
+    phrase: torch.Tensor | None = None
 
 
 def next_code_targets(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -76,6 +84,76 @@ def first_tokens(codebooks: PreparedCodebooks, width: int) -> tuple[torch.Tensor
     return rows, cand
 
 
+def row_phrases(codebooks: PreparedCodebooks, width: int) -> torch.Tensor:
+    """``[B, width, M]`` the base tokens of every table row, ``-1`` padded (all ``-1`` where no entry)."""
+    B, _ = codebooks.shape
+    M = codebooks.phrases.shape[1] if codebooks.phrases.ndim == 2 else 0
+    rows = codebooks.phrases.new_full((B, width, M), -1)
+    if codebooks.phrases.shape[0] and width:
+        rows = rows.index_put((codebooks.entry_row, codebooks.entry_slot), codebooks.phrases)
+    return rows
+
+
+def phrase_ceiling(phrases: torch.Tensor, next_tokens: torch.Tensor, next_logp: torch.Tensor) -> torch.Tensor:
+    """``[B, c, W]`` log of an upper bound on the teacher's probability that the text goes on with each row's phrase.
+
+    Only the text itself is needed: the teacher's log-probability ``l_i`` of each of the next base tokens
+    ``x_i`` as they are.  A row whose phrase matches the next ``m`` tokens and then differs (or ends):
+
+    * matches all of its ``k`` tokens: ``log P(phrase) = l_1 + ... + l_k``, exact;
+    * differs at token ``m + 1``: its token there is not ``x_{m+1}``, so its probability is at most
+      ``1 - exp(l_{m+1})``, and ``log P(phrase) <= l_1 + ... + l_m + log(1 - exp(l_{m+1}))``;
+    * differs where the text is unknown (past the window's end, ``x = -1``): the bound stops there.
+
+    The canonical target is the longest matching row, whose probability of being the next code is at most
+    its phrase's; every row's is at most this bound.
+
+    Args:
+        phrases: ``[B, W, M]`` the rows' base tokens, ``-1`` padded (:func:`row_phrases`).
+        next_tokens: ``[B, c, M]`` the next ``M`` base tokens after each position, ``-1`` where unknown.
+        next_logp: ``[B, c, M]`` the teacher's log-probability of each of them (anything where unknown).
+
+    Example, the text going on ``7 8 9`` with probabilities ``0.5, 0.5, 0.9``::
+
+        row (7, 8)  -> log(0.5 * 0.5)         matches both tokens
+        row (7, 5)  -> log(0.5 * (1 - 0.5))   differs at the second: at most the rest of its mass
+        row (3,)    -> log(1 - 0.5)
+
+    >>> import torch
+    >>> rows = torch.tensor([[[7, 8], [7, 5], [3, -1]]])
+    >>> ceiling = phrase_ceiling(rows, torch.tensor([[[7, 8]]]), torch.tensor([[[0.5, 0.5]]]).log())
+    >>> [round(x, 3) for x in ceiling.exp().flatten().tolist()]
+    [0.25, 0.25, 0.5]
+    """
+    M = min(phrases.shape[-1], next_tokens.shape[-1])
+    if M == 0:
+        return next_logp.new_zeros(next_tokens.shape[:2] + phrases.shape[1:2])
+    phrases, next_tokens, next_logp = phrases[..., :M], next_tokens[..., :M], next_logp[..., :M].float()
+    known = next_tokens >= 0
+    lp = torch.where(known, next_logp, 0.0)
+    # an unknown next token never matches (a row pads with -1 too)
+    nxt = torch.where(known, next_tokens, -2)
+    matches = (phrases[:, None] == nxt[:, :, None]).to(torch.int32).cumprod(-1).sum(-1)  # [B, c, W]
+    length = (phrases >= 0).sum(-1)[:, None]  # [B, 1, W]
+    prefix = torch.cat([lp.new_zeros(lp.shape[:2] + (1,)), lp.cumsum(-1)], -1)  # [B, c, M + 1]
+    ceiling = prefix.gather(-1, matches.long())
+    at = matches.clamp(max=M - 1).long()
+    differs = (matches < length) & known.gather(-1, at)
+    # log(1 - exp(l)) without cancelling for l near 0; a certain token (l = 0) leaves a ceiling of 0: floored
+    l_at = lp.gather(-1, at).clamp(max=-1e-7)
+    rest = torch.where(l_at > -0.6931, torch.log(-torch.expm1(l_at)), torch.log1p(-l_at.exp()))
+    return torch.where(differs, ceiling + rest, ceiling).clamp_min(-80.0)
+
+
+def phrase_excess(logp: torch.Tensor, ceiling: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, c]`` the model's mass over its phrase ceiling: ``sum_r p_r * log(p_r / U_r)`` over the rows with
+    ``p_r > U_r`` (``mask`` ``[B, c, W]``: the rows that count), from the rows' log-probabilities ``logp``."""
+    # masked first: a row scored -inf would make 0 * inf, and NaN gradients through torch.where
+    over = torch.where(mask, logp - ceiling, 0.0)
+    live = over > 0
+    return torch.where(live, torch.where(live, logp, 0.0).exp() * over, 0.0).sum(-1)
+
+
 def _marginal(probs: torch.Tensor, V: int, rows_first: torch.Tensor, cand_first: torch.Tensor,
               visible: torch.Tensor) -> torch.Tensor:
     """``[B, c, V]`` probability of each first base token: base ids plus every hypertoken row that starts with it."""
@@ -94,7 +172,9 @@ def _marginal(probs: torch.Tensor, V: int, rows_first: torch.Tensor, cand_first:
 
 def score_chunks(model: Any, hidden: torch.Tensor, context: HeadContext, targets: torch.Tensor, *,
                  teacher_hidden: torch.Tensor | None = None, first: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 chunk_cells: int | None = None, distill_mask: torch.Tensor | None = None) -> ChunkScores:
+                 chunk_cells: int | None = None, distill_mask: torch.Tensor | None = None,
+                 phrases: torch.Tensor | None = None,
+                 next_text: tuple[torch.Tensor, torch.Tensor] | None = None) -> ChunkScores:
     """Score ``hidden`` against ``targets`` without materialising all the logits, through autograd.
 
     The exact reference: the whole teacher distribution, every quantity a differentiable tensor op (the
@@ -111,6 +191,9 @@ def score_chunks(model: Any, hidden: torch.Tensor, context: HeadContext, targets
         first: :func:`first_tokens` of the batch (needed with ``teacher_hidden``).
         chunk_cells: positions x ids scored at once (default: by device).
         distill_mask: ``[B, T]`` bool, the positions distilled (default: every position with a target).
+        phrases: ``[B, W, M]`` (:func:`row_phrases`) and next_text: ``([B, T, M] next base tokens, their
+            teacher log-probabilities)``: with both, the phrase ceiling's excess (:func:`phrase_excess`) at the
+            distilled positions.
 
     Returns:
         :class:`ChunkScores`.  Under autograd each chunk is checkpointed: the backward scores it again.
@@ -122,7 +205,9 @@ def score_chunks(model: Any, hidden: torch.Tensor, context: HeadContext, targets
     step = max(1, cells // max(1, B * width))
     grad = torch.is_grad_enabled() and hidden.requires_grad
 
-    def chunk(h: torch.Tensor, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_phrase = phrases is not None and next_text is not None
+
+    def chunk(h: torch.Tensor, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # few passes over the [B, c, V + C] chunk: it is the memory traffic, not the matmul, that costs here
         ctx = context.positions(s, e)
         tgt = targets[:, s:e]
@@ -130,32 +215,44 @@ def score_chunks(model: Any, hidden: torch.Tensor, context: HeadContext, targets
         logp = model.score(h, ctx).float().log_softmax(-1)  # [B, c, V + C]
         picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         ce = -(picked * valid).sum()
+        zero = ce.new_zeros(())
         with torch.no_grad():
             correct = ((logp.argmax(-1) == tgt) & (tgt >= V)).sum()
+        read = valid if distill_mask is None else valid & distill_mask[:, s:e]
+        phrase = zero
+        if with_phrase:
+            assert phrases is not None and next_text is not None
+            W = phrases.shape[1]
+            ceiling = phrase_ceiling(phrases, next_text[0][:, s:e], next_text[1][:, s:e])
+            rows = torch.arange(W, device=h.device) < ctx.visible[..., None]  # the rows, not the new id's column
+            phrase = (phrase_excess(logp[..., V: V + W], ceiling, rows & read[..., None])).sum()
         if teacher_hidden is None:
-            return ce, ce.new_zeros(()), correct
+            return ce, zero, correct, phrase
         assert first is not None, "score_chunks: teacher_hidden needs first= (first_tokens of the batch)"
         marg = _marginal(logp.exp(), V, first[0], first[1][:, s:e], ctx.visible)
         with torch.no_grad():
             teacher = model.score(teacher_hidden[:, s:e], None).float().log_softmax(-1)
         kl = (teacher.exp() * (teacher - marg.clamp_min(1e-30).log())).sum(-1)  # [B, c]
-        read = valid if distill_mask is None else valid & distill_mask[:, s:e]
-        return ce, (kl * read).sum(), correct
+        return ce, (kl * read).sum(), correct, phrase
 
     ce_total = hidden.new_zeros((), dtype=torch.float32)
     kl_total = hidden.new_zeros((), dtype=torch.float32)
+    phrase_total = hidden.new_zeros((), dtype=torch.float32)
     correct_total = torch.zeros((), dtype=torch.long, device=hidden.device)
     for s in range(0, T, step):
         e = min(T, s + step)
         if grad:
-            ce, kl, correct = torch.utils.checkpoint.checkpoint(chunk, hidden[:, s:e], s, e, use_reentrant=False)
+            ce, kl, correct, phrase = torch.utils.checkpoint.checkpoint(chunk, hidden[:, s:e], s, e,
+                                                                        use_reentrant=False)
         else:
-            ce, kl, correct = chunk(hidden[:, s:e], s, e)
+            ce, kl, correct, phrase = chunk(hidden[:, s:e], s, e)
         ce_total = ce_total + ce
         kl_total = kl_total + kl
+        phrase_total = phrase_total + phrase
         correct_total = correct_total + correct
     hyper_targets = (targets >= V).sum()
-    return ChunkScores(ce_total, kl_total if teacher_hidden is not None else None, correct_total, hyper_targets)
+    return ChunkScores(ce_total, kl_total if teacher_hidden is not None else None, correct_total, hyper_targets,
+                       phrase_total if with_phrase else None)
 
 
 # ---------------------------------------------------------------------------------------------- the fused scorer
@@ -170,6 +267,8 @@ class Teacher:
     rows: ``[b]`` which windows of the ``[B, T]`` batch those are (``None``: all of them, ``b == B``).
     top_k: the teacher's distribution is kept as its ``top_k`` most likely next tokens plus one bucket for
         the rest (``0``: the whole distribution, the exact divergence).
+    next_tokens / next_logp: ``[b, T, M]`` the next ``M`` base tokens of the text after each code (``-1``
+        where unknown) and the teacher's log-probability of each, for the phrase ceiling (``None``: not read).
 
     The bucketed divergence is the KL divergence between the two distributions coarsened to ``top_k + 1``
     outcomes (the teacher's top tokens, and "any other token"), so by the data-processing inequality it is
@@ -180,15 +279,18 @@ class Teacher:
     hidden: torch.Tensor
     rows: torch.Tensor | None = None
     top_k: int = 64
+    next_tokens: torch.Tensor | None = None
+    next_logp: torch.Tensor | None = None
 
 
 @dataclass
 class TrainScores:
     """What :func:`train_scores` returns: sums over the positions with a target (divide by their count).
 
-    loss: ``cross_entropy + distill_weight * distillation``, the one differentiable output.  cross_entropy,
-    distillation (``None`` without a teacher), hyper_correct, hyper_targets: detached, as in
-    :class:`ChunkScores` (a hypertoken target is correct where it scores the highest logit).
+    loss: ``cross_entropy + distill_weight * distillation + phrase_weight * phrase``, the one differentiable
+    output.  cross_entropy, distillation (``None`` without a teacher), hyper_correct, hyper_targets, phrase
+    (``None`` unless computed): detached, as in :class:`ChunkScores` (a hypertoken target is correct where it
+    scores the highest logit).
     """
 
     loss: torch.Tensor
@@ -196,6 +298,7 @@ class TrainScores:
     distillation: torch.Tensor | None
     hyper_correct: torch.Tensor
     hyper_targets: torch.Tensor
+    phrase: torch.Tensor | None = None
 
 
 def fusable(model: Any) -> bool:
@@ -207,7 +310,8 @@ def fusable(model: Any) -> bool:
 
 def train_scores(model: Any, hidden: torch.Tensor, context: HeadContext, targets: torch.Tensor, *,
                  teacher: Teacher | None = None, first: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 distill_weight: float = 1.0, chunk_cells: int | None = None, fused: bool = True) -> TrainScores:
+                 distill_weight: float = 1.0, phrases: torch.Tensor | None = None, phrase_weight: float = 0.0,
+                 chunk_cells: int | None = None, fused: bool = True) -> TrainScores:
     """The next-code cross-entropy and the first-token distillation, with their gradients, in one pass.
 
     Each chunk of positions is scored once: the logits are made (one matmul in the compute dtype, float32
@@ -225,6 +329,9 @@ def train_scores(model: Any, hidden: torch.Tensor, context: HeadContext, targets
         teacher: the base model's hidden states (:class:`Teacher`): with it the distillation is computed.
         first: :func:`first_tokens` of the batch (needed with a teacher).
         distill_weight: the distillation's weight in ``loss``.
+        phrases: ``[B, W, M]`` the table rows' base tokens (:func:`row_phrases`) and phrase_weight: with a
+            teacher that read the text's next tokens (``Teacher.next_tokens``), the phrase ceiling's excess
+            (:func:`phrase_excess`) at the positions the teacher read, times ``phrase_weight``, joins ``loss``.
         chunk_cells: positions x ids scored at once (default: by device).
         fused: ``False`` scores through autograd instead (:func:`score_chunks`, the whole teacher
             distribution whatever ``teacher.top_k``), the reference the fused scorer is tested against.
@@ -234,32 +341,61 @@ def train_scores(model: Any, hidden: torch.Tensor, context: HeadContext, targets
     """
     if teacher is not None and first is None:
         raise InputTypeError("train_scores: a teacher needs first= (first_tokens of the batch)")
+    if phrase_weight and (teacher is None or teacher.next_tokens is None or teacher.next_logp is None
+                          or phrases is None):
+        raise InputTypeError("train_scores: phrase_weight needs phrases= (row_phrases of the batch) and a teacher "
+                             "with next_tokens and next_logp")
+    if not phrase_weight:
+        phrases = None
     if not fused or not fusable(model):
-        return _unfused(model, hidden, context, targets, teacher, first, distill_weight, chunk_cells)
+        return _unfused(model, hidden, context, targets, teacher, first, distill_weight, chunk_cells, phrases,
+                        phrase_weight)
     head = model.head
     V = model.codec.base_vocab_size
     plan = _Plan(weight=head.base.weight[:V], bias=None if head.base.bias is None else head.base.bias[:V],
                  context=context if head.scores_next_id else replace(context, candidates=None, candidate_ok=None),
                  targets=targets, teacher=teacher, first=first, distill_weight=float(distill_weight),
+                 phrases=phrases, phrase_weight=float(phrase_weight),
+                 next_text=None if phrases is None or teacher is None else _full_next(teacher, hidden.shape[0]),
                  cap=getattr(model.base.config, "final_logit_softcapping", None) or None,
                  chunk_cells=chunk_cells or _CHUNK_CELLS["cpu" if hidden.device.type == "cpu" else "other"])
     cand = plan.context.candidates
     table = context.table
-    loss, ce, kl, correct = _FusedHeadLoss.apply(hidden, table, cand, plan)
-    return TrainScores(loss, ce, kl if teacher is not None else None, correct, (targets >= V).sum())
+    loss, ce, kl, correct, phrase = _FusedHeadLoss.apply(hidden, table, cand, plan)
+    return TrainScores(loss, ce, kl if teacher is not None else None, correct, (targets >= V).sum(),
+                       phrase if phrases is not None else None)
 
 
 def _unfused(model: Any, hidden: torch.Tensor, context: HeadContext, targets: torch.Tensor, teacher: Teacher | None,
-             first: tuple[torch.Tensor, torch.Tensor] | None, weight: float, cells: int | None) -> TrainScores:
+             first: tuple[torch.Tensor, torch.Tensor] | None, weight: float, cells: int | None,
+             phrases: torch.Tensor | None, phrase_weight: float) -> TrainScores:
     """:func:`train_scores` through autograd (:func:`score_chunks`, the exact divergence)."""
-    t_hidden = mask = None
+    t_hidden = mask = next_text = None
     if teacher is not None:
         t_hidden, mask = _full_rows(teacher, hidden.shape[0], targets)
+        if phrases is not None:
+            next_text = _full_next(teacher, hidden.shape[0])
     s = score_chunks(model, hidden, context, targets, teacher_hidden=t_hidden, first=first, chunk_cells=cells,
-                     distill_mask=mask)
+                     distill_mask=mask, phrases=phrases, next_text=next_text)
     loss = s.cross_entropy if s.distillation is None else s.cross_entropy + weight * s.distillation
+    if s.phrase is not None:
+        loss = loss + phrase_weight * s.phrase
     return TrainScores(loss, s.cross_entropy.detach(), None if s.distillation is None else s.distillation.detach(),
-                       s.hyper_correct, s.hyper_targets)
+                       s.hyper_correct, s.hyper_targets, None if s.phrase is None else s.phrase.detach())
+
+
+def _full_next(teacher: Teacher, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's next tokens and their log-probabilities as ``[B, T, M]`` (``-1``: unknown, in rows it
+    did not read)."""
+    tokens, logp = teacher.next_tokens, teacher.next_logp
+    assert tokens is not None and logp is not None
+    if teacher.rows is None:
+        return tokens, logp
+    full_t = tokens.new_full((B,) + tuple(tokens.shape[1:]), -1)
+    full_t[teacher.rows] = tokens
+    full_l = logp.new_zeros((B,) + tuple(logp.shape[1:]))
+    full_l[teacher.rows] = logp
+    return full_t, full_l
 
 
 def _full_rows(teacher: Teacher, B: int, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -285,23 +421,26 @@ class _Plan:
     teacher: Teacher | None
     first: tuple[torch.Tensor, torch.Tensor] | None
     distill_weight: float
+    phrases: torch.Tensor | None  # [B, W, M] the rows' phrases, with next_text: the phrase ceiling
+    phrase_weight: float
+    next_text: tuple[torch.Tensor, torch.Tensor] | None  # [B, T, M] next base tokens, their teacher log-probs
     cap: float | None
     chunk_cells: int
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """``(hidden, table, candidates) -> (loss, cross_entropy, distillation, hyper_correct)``; the gradients of
-    ``loss`` are computed in the forward (:func:`train_scores`) and only scaled in the backward."""
+    """``(hidden, table, candidates) -> (loss, cross_entropy, distillation, hyper_correct, phrase)``; the
+    gradients of ``loss`` are computed in the forward (:func:`train_scores`) and only scaled in the backward."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, table: torch.Tensor, candidates: torch.Tensor | None,
                 plan: _Plan) -> tuple[torch.Tensor, ...]:
         need = tuple(ctx.needs_input_grad[:3])
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen here, explicitly
-            loss, ce, kl, correct, grads = _score(hidden, table, candidates, plan, need)
+            loss, ce, kl, correct, phrase, grads = _score(hidden, table, candidates, plan, need)
         ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(ce, kl, correct)
-        return loss, ce, kl, correct
+        ctx.mark_non_differentiable(ce, kl, correct, phrase)
+        return loss, ce, kl, correct, phrase
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
@@ -309,7 +448,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def _score(hidden: torch.Tensor, table: torch.Tensor, cand: torch.Tensor | None, plan: _Plan,
-           need: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
+           need: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                            list[Any]]:
     B, T, D = hidden.shape
     W = plan.weight
     V, cd = W.shape[0], W.dtype
@@ -323,6 +463,7 @@ def _score(hidden: torch.Tensor, table: torch.Tensor, cand: torch.Tensor | None,
               if cand is not None and need[2] else None)
     ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
     kl = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    phrase = torch.zeros((), dtype=torch.float32, device=hidden.device)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     rows_first = None if plan.first is None else plan.first[0][:, None, :]
     for s in range(0, T, step):
@@ -332,6 +473,7 @@ def _score(hidden: torch.Tensor, table: torch.Tensor, cand: torch.Tensor | None,
         out = _chunk(h, tab, c_vec, plan, s, e, rows_first, grad)
         ce += out.ce
         kl += out.kl
+        phrase += out.phrase
         correct += out.correct
         if not grad:
             continue
@@ -352,9 +494,11 @@ def _score(hidden: torch.Tensor, table: torch.Tensor, cand: torch.Tensor | None,
         if g_hidden is not None:
             g_hidden[:, s:e] = gh
     loss = ce + plan.distill_weight * kl if plan.teacher is not None else ce.clone()
+    if plan.phrases is not None:
+        loss = loss + plan.phrase_weight * phrase
     grads = [g_hidden, None if g_table is None else g_table.to(table.dtype),
              None if g_cand is None or cand is None else g_cand.to(cand.dtype)]
-    return loss, ce, kl, correct, grads
+    return loss, ce, kl, correct, phrase, grads
 
 
 @dataclass
@@ -362,6 +506,7 @@ class _Chunk:
     ce: torch.Tensor
     kl: torch.Tensor
     correct: torch.Tensor
+    phrase: torch.Tensor
     gz_base: torch.Tensor | None = None  # [B, c, V]   d loss / d base logits
     gz_hyper: torch.Tensor | None = None  # [B, c, W]  d loss / d hypertoken logits
     at: torch.Tensor | None = None  # [B, c, W] bool: the column that holds the candidate's logit
@@ -378,7 +523,7 @@ def _chunk(h: torch.Tensor, tab: torch.Tensor, c_vec: torch.Tensor | None, plan:
     z_hyper = torch.bmm(h, tab.transpose(1, 2)).float() if width else z_base.new_zeros(B, c, 0)
     cols = torch.arange(width, device=h.device)
     visible = ctx.visible[:, s:e, None]
-    seen = cols < visible
+    rows_seen = seen = cols < visible
     at = None
     if c_vec is not None and width:
         assert ctx.candidate_ok is not None  # set together with candidates
@@ -408,8 +553,21 @@ def _chunk(h: torch.Tensor, tab: torch.Tensor, c_vec: torch.Tensor | None, plan:
     total = e_base.sum(-1) + e_hyper.sum(-1)
     lse = top + total.log()
     validf = valid.float()
-    out = _Chunk(((lse - picked) * validf).sum(), lse.new_zeros(()), (valid & hyper_tgt & (picked >= top)).sum())
+    out = _Chunk(((lse - picked) * validf).sum(), lse.new_zeros(()), (valid & hyper_tgt & (picked >= top)).sum(),
+                 lse.new_zeros(()))
     inv = 1.0 / total  # [B, c]: probabilities are e / total
+    soft, extra = validf, None  # the factor of p in d loss / d z, and what the phrase ceiling adds on the rows
+    if plan.phrases is not None and plan.next_text is not None and plan.teacher is not None and width:
+        read = validf if plan.teacher.rows is None else validf * _row_mask(plan.teacher, B, validf)
+        ceiling = phrase_ceiling(plan.phrases, plan.next_text[0][:, s:e], plan.next_text[1][:, s:e])
+        over = z_hyper - lse.unsqueeze(-1) - ceiling  # log p_r - log U_r
+        live = rows_seen & (read > 0).unsqueeze(-1) & (over > 0)
+        p_rows = e_hyper * inv.unsqueeze(-1)
+        out.phrase = torch.where(live, p_rows * over, 0.0).sum()
+        if grad:  # d sum_r p_r log(p_r / U_r) / d z_c = [c live] p_c (l_c + 1) - p_c * sum_r p_r (l_r + 1)
+            a = torch.where(live, p_rows * (over + 1), 0.0)
+            soft = validf - plan.phrase_weight * a.sum(-1)
+            extra = a.mul_(plan.phrase_weight)
     if plan.teacher is None:
         if grad:
             out.gz_base = e_base.mul_((validf * inv).unsqueeze(-1))
@@ -420,7 +578,9 @@ def _chunk(h: torch.Tensor, tab: torch.Tensor, c_vec: torch.Tensor | None, plan:
         first = rows_first.expand(B, c, width)
         first = (torch.where(at, plan.first[1][:, s:e, None].clamp(min=0), first) if at is not None
                  else first.contiguous())
-        _distil(out, e_base, e_hyper, inv, first, validf, plan, s, e, grad)
+        _distil(out, e_base, e_hyper, inv, first, validf, soft, plan, s, e, grad)
+        if extra is not None and out.gz_hyper is not None:
+            out.gz_hyper += extra
     if grad:
         gz_base, gz_hyper = out.gz_base, out.gz_hyper
         assert gz_base is not None and gz_hyper is not None  # made above whenever grad
@@ -437,12 +597,14 @@ def _chunk(h: torch.Tensor, tab: torch.Tensor, c_vec: torch.Tensor | None, plan:
 
 
 def _distil(out: _Chunk, e_base: torch.Tensor, e_hyper: torch.Tensor, inv: torch.Tensor, first: torch.Tensor,
-            validf: torch.Tensor, plan: _Plan, s: int, e: int, grad: bool) -> None:
+            validf: torch.Tensor, soft: torch.Tensor, plan: _Plan, s: int, e: int, grad: bool) -> None:
     """Add the first-token distillation of one chunk to ``out``: its sum, and its gradient over the logits.
 
     With ``p`` the model's next-code distribution, ``m`` its first-token marginal and ``q`` the teacher's
     distribution over the same outcomes, ``d KL(q || m) / d z_c = p_c * (1 - q(o) / m(o))`` where ``o`` is
-    the outcome code ``c`` falls in (its first token, or the rest bucket).
+    the outcome code ``c`` falls in (its first token, or the rest bucket).  ``soft`` ``[B, c]``: the
+    factor of ``p_c`` the other losses give (the cross-entropy's ``1`` at a target, less the phrase
+    ceiling's share).
     """
     B, c, width = e_hyper.shape
     teacher = plan.teacher
@@ -458,8 +620,8 @@ def _distil(out: _Chunk, e_base: torch.Tensor, e_hyper: torch.Tensor, inv: torch
         out.kl = ((torch.xlogy(q, q) - q * marg.log()).sum(-1) * read).sum()
         if grad:
             ratio = q / marg
-            out.gz_hyper = p_hyper * (validf.unsqueeze(-1) + w.unsqueeze(-1) * (1 - ratio.gather(-1, first)))
-            out.gz_base = e_base.mul_((inv * validf).unsqueeze(-1)).add_(p_base.mul_(1 - ratio).mul_(w.unsqueeze(-1)))
+            out.gz_hyper = p_hyper * (soft.unsqueeze(-1) + w.unsqueeze(-1) * (1 - ratio.gather(-1, first)))
+            out.gz_base = e_base.mul_((inv * soft).unsqueeze(-1)).add_(p_base.mul_(1 - ratio).mul_(w.unsqueeze(-1)))
         return
     k = ids.shape[-1]
     p_top = e_base.gather(-1, ids) * inv.unsqueeze(-1)  # [B, c, k] the base ids among the teacher's top tokens
@@ -479,10 +641,10 @@ def _distil(out: _Chunk, e_base: torch.Tensor, e_hyper: torch.Tensor, inv: torch
         return
     ratio, ratio_rest = q / marg, rest / marg_rest
     ratio_of_row = torch.where(hit, ratio.gather(-1, slot.clamp(max=k - 1)), ratio_rest.unsqueeze(-1))
-    out.gz_hyper = p_hyper * (validf.unsqueeze(-1) + w.unsqueeze(-1) * (1 - ratio_of_row))
+    out.gz_hyper = p_hyper * (soft.unsqueeze(-1) + w.unsqueeze(-1) * (1 - ratio_of_row))
     # every base id outside the top tokens shares the rest bucket's factor; the top ones are written after
-    out.gz_base = e_base.mul_((inv * (validf + w * (1 - ratio_rest))).unsqueeze(-1))
-    out.gz_base.scatter_(-1, ids, p_top * (validf.unsqueeze(-1) + w.unsqueeze(-1) * (1 - ratio)))
+    out.gz_base = e_base.mul_((inv * (soft + w * (1 - ratio_rest))).unsqueeze(-1))
+    out.gz_base.scatter_(-1, ids, p_top * (soft.unsqueeze(-1) + w.unsqueeze(-1) * (1 - ratio)))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

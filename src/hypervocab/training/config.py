@@ -98,7 +98,7 @@ _INTS = {"window": 2, "batch_size": 1, "grad_accum": 1, "max_steps": 1, "warmup_
          "recon_entries": 1, "recon_negatives": 0, "distill_top_k": 0, "rewarm_steps": 0}
 _FLOATS = {"lr": (0.0, False), "encoder_lr": (0.0, False), "weight_decay": (0.0, True), "min_lr_ratio": (0.0, True),
            "max_grad_norm": (0.0, False), "recon_weight": (0.0, True), "next_hyper_weight": (0.0, True),
-           "distill_weight": (0.0, True)}
+           "distill_weight": (0.0, True), "phrase_weight": (0.0, True)}
 
 
 @dataclass
@@ -118,6 +118,8 @@ class TrainConfig:
     distillation from the frozen base model (its next-token distribution at the same text position, kept as
     its distill_top_k most likely tokens and one bucket for the rest, 0: the whole distribution; it costs one
     forward without gradients over the windows it reads, a distill_fraction of each micro-batch's),
+    phrase_weight times the phrase ceiling (the teacher's probability of a table row's whole phrase, read
+    along the text, bounds the model's probability of that row: :func:`hypervocab.loss.phrase_ceiling`),
     recon_weight times the reconstruction loss (on up to recon_entries distinct entries per micro-batch,
     scored against their own subtokens and recon_negatives ids drawn from the rest, a sampled softmax with its
     usual correction; 0: the whole vocabulary) and
@@ -163,6 +165,7 @@ class TrainConfig:
     recon_negatives: int = 4096
     next_hyper_weight: float = 0.0
     distill_weight: float = 1.0
+    phrase_weight: float = 0.0
     distill_top_k: int = 64
     distill_fraction: float = 0.5
     loader_workers: int = 2

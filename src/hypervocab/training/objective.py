@@ -8,6 +8,10 @@
   text position, kept as its ``distill_top_k`` most likely tokens and one bucket for the rest.  The
   teacher is the same weights with the adapter off and no hypertokens: it costs one forward without
   gradients over the base tokens of the windows it reads (a ``distill_fraction`` of them).
+* ``phrase_loss`` (``phrase_weight``): the phrase ceiling.  The teacher's log-probability of each next
+  base token of the text, read along it, bounds the probability of every table row's phrase
+  (:func:`hypervocab.loss.phrase_ceiling`); the model pays ``p log(p / bound)`` for each row it gives
+  more.  It costs the teacher's logits at every base position of the windows it reads (no gradients).
 * ``recon_loss`` (``recon_weight``): a small head recovers an entry's base tokens from its input
   embedding, on up to ``recon_entries`` distinct entries of the micro-batch, scored against the
   micro-batch's own subtokens plus ``recon_negatives`` ids drawn from the rest (a sampled softmax with the
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loss import Teacher, first_tokens, next_code_targets, train_scores
+from ..loss import Teacher, first_tokens, next_code_targets, row_phrases, train_scores
 from .batches import MicroBatch
 from .config import TrainConfig
 
@@ -131,24 +135,30 @@ class Objective(nn.Module):
         hidden, context = out.hidden_states, out.head_context
         targets = next_code_targets(batch.labels, batch.attention_mask)
         n = (targets != -100).sum()
-        teacher = first = None
-        if train and cfg.distill_weight > 0:
+        teacher = first = phrases = None
+        if train and (cfg.distill_weight > 0 or cfg.phrase_weight > 0):
             teacher = self._teacher(batch)
             first = first_tokens(batch.codebooks, context.table.shape[1])
-        weight = cfg.distill_weight
+            if cfg.phrase_weight > 0:
+                phrases = row_phrases(batch.codebooks, context.table.shape[1])
+        weight, phrase_weight = cfg.distill_weight, cfg.phrase_weight
         if batch.teacher_rows is not None:  # the teacher read some windows: their divergence stands for all
             weight *= batch.input_ids.shape[0] / batch.teacher_rows.shape[0]
+            phrase_weight *= batch.input_ids.shape[0] / batch.teacher_rows.shape[0]
         scores = train_scores(model, hidden, context, targets, teacher=teacher, first=first, distill_weight=weight,
+                              phrases=phrases, phrase_weight=phrase_weight if phrases is not None else 0.0,
                               fused=self.fused_scoring)
         loss = scores.loss / n.clamp(min=1)  # the next-code loss, plus the weighted distillation
         terms = {"lm_loss": scores.cross_entropy / n.clamp(min=1), "targets": n,
                  "hyper_targets": scores.hyper_targets, "hyper_correct": scores.hyper_correct}
         if not train:
             return loss, terms
-        if scores.distillation is not None:
-            # a mean over the positions the teacher read (all of them unless distill_fraction < 1)
-            read = n if batch.teacher_rows is None else (targets[batch.teacher_rows] != -100).sum()
+        # means over the positions the teacher read (all of them unless distill_fraction < 1)
+        read = n if batch.teacher_rows is None else (targets[batch.teacher_rows] != -100).sum()
+        if scores.distillation is not None and cfg.distill_weight > 0:
             terms["distill_loss"] = scores.distillation / read.clamp(min=1)
+        if scores.phrase is not None:
+            terms["phrase_loss"] = scores.phrase / read.clamp(min=1)
         if cfg.recon_weight > 0 and batch.recon_phrases is not None:
             phrases = batch.recon_phrases
             recon = self.aux["recon"].loss(model.encode_inputs(phrases), phrases, model.embedding.base.weight,
@@ -170,6 +180,33 @@ class Objective(nn.Module):
         model = self.model
         with torch.no_grad(), model.disable_adapter():
             out = model(batch.base_ids, batch.base_mask, codebooks=batch.base_codebooks, compute_logits=False)
-        h = out.hidden_states
-        h = h.gather(1, batch.code_end.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return Teacher(h, batch.teacher_rows, top_k=self.config.distill_top_k)
+        full = out.hidden_states
+        h = full.gather(1, batch.code_end.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+        teacher = Teacher(h, batch.teacher_rows, top_k=self.config.distill_top_k)
+        if self.config.phrase_weight > 0:
+            teacher.next_tokens, teacher.next_logp = self._next_text(full, batch)
+        return teacher
+
+    def _next_text(self, hidden: torch.Tensor, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b, T, M]`` the next ``M`` base tokens after each code of the windows the teacher read (``-1`` past
+        the text) and the teacher's log-probability of each, from its ``[b, L, D]`` hidden states."""
+        assert batch.base_ids is not None and batch.base_mask is not None and batch.code_end is not None
+        model = self.model
+        ids, mask = batch.base_ids, batch.base_mask
+        b, L = ids.shape
+        M = model.codec.max_subtokens
+        # log P(x[n + 1] | x[..n]) at every base position n, a chunk of positions at a time (no [b, L, V] logits)
+        step = max(1, (1 << 24) // max(1, b * model.codec.base_vocab_size))
+        logp = hidden.new_zeros((b, L), dtype=torch.float32)
+        with torch.no_grad():
+            for s in range(0, L - 1, step):
+                e = min(L - 1, s + step)
+                z = model.score(hidden[:, s:e], None).float()
+                logp[:, s:e] = z.gather(-1, ids[:, s + 1: e + 1].unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+        at = batch.code_end.unsqueeze(-1) + torch.arange(1, M + 1, device=ids.device)  # [b, T, M]
+        inside = at < L
+        at_c = at.clamp(max=L - 1)
+        tokens = torch.where(inside & (mask.gather(1, at_c.flatten(1)).view_as(at) > 0),
+                             ids.gather(1, at_c.flatten(1)).view_as(at), -1)
+        lp = logp.gather(1, (at_c - 1).flatten(1)).view_as(at)
+        return tokens, lp

@@ -502,7 +502,8 @@ def _set_up(config: TrainConfig, progress: bool | None) -> _Run:
     maker = BatchMaker(model.codec, position_mode=hyper.position_mode, exact=hyper.codebook_mask == "exact",
                        score_next_id=hyper.score_next_id,
                        recon_entries=config.recon_entries if config.recon_weight else 0,
-                       recon_negatives=config.recon_negatives, teacher=config.distill_weight > 0,
+                       recon_negatives=config.recon_negatives,
+                       teacher=config.distill_weight > 0 or config.phrase_weight > 0,
                        distill_fraction=config.distill_fraction)
     pin = device.type == "cuda"
     batches = iter(micro_batches(train_set, order, maker, batch_size=config.batch_size, grad_accum=config.grad_accum,
@@ -621,7 +622,7 @@ def _log_step(run: _Run, totals: dict[str, torch.Tensor], grad_norm: torch.Tenso
               "hyper_target_share": values["hyper_targets"] / max(values["targets"], 1),
               "hyper_accuracy": values["hyper_correct"] / max(values["hyper_targets"], 1),
               "base_tokens_per_s": throughput.rate()}  # after the read-back: the step's work is done
-    for k in ("distill_loss", "recon_loss", "next_hyper_loss"):
+    for k in ("distill_loss", "phrase_loss", "recon_loss", "next_hyper_loss"):
         if k in values:
             record[k] = values[k] / n
     if run.rank == 0:
