@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hypervocab import HyperConfig, HyperModel, HyperTokenizer
-from hypervocab.errors import ConfigError, InputTypeError, InvalidCodeError
+from hypervocab.errors import ConfigError, InputTypeError, InvalidCodeError, StateError
 from hypervocab.streaming import IncrementalDetokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -159,7 +159,7 @@ def test_sequences_that_finish_early_and_continue_equal_reading_everything_at_on
         assert second.stats[b].prompt_codes == len(turn["input_ids"][b][turn["attention_mask"][b].bool()])
     # the continuation reused the conversation's hypertokens
     assert any(c >= V for c in turn["input_ids"].reshape(-1).tolist())
-    with pytest.raises(InputTypeError, match="already continued once"):
+    with pytest.raises(StateError, match="already continued once"):
         model.generate(**turn, past=first)
 
 

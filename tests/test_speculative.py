@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hypervocab.errors import ConfigError, InputTypeError, InvalidCodeError
+from hypervocab.errors import ConfigError, InputTypeError, InvalidCodeError, StateError
 from hypervocab.speculative import PromptLookup, accept_draft
 
 transformers = pytest.importorskip("transformers")
@@ -262,13 +262,32 @@ def test_read_ahead_rejects_a_bad_draft_and_keeps_the_session(tiny_model, tiny_h
     assert session.mask.shape[1] == before[2] and not session.ahead
     with torch.no_grad():
         session.read_ahead([5, 6])
-        with pytest.raises(InputTypeError, match="drafts read ahead are pending"):
+        with pytest.raises(StateError, match="drafts read ahead are pending"):
             session.read_ahead([5])
         session.append([7])
-        with pytest.raises(InputTypeError, match="accept_ahead\\(\\) needs the next draft code appended"):
+        with pytest.raises(StateError, match="accept_ahead\\(\\) needs the next draft code appended"):
             session.accept_ahead()
         session.drop_ahead()
         assert session.advance().shape == (1, V + 64)
+
+
+def test_protocol_misuse_is_a_state_error_not_a_type_error(tiny_model, tiny_htok):
+    """Calls out of order raise StateError (a ValueError): the arguments were fine, the state was not."""
+    from hypervocab import HyperSession
+
+    assert issubclass(StateError, ValueError) and not issubclass(StateError, TypeError)
+    session = prompt_session(tiny_model, tiny_htok)
+    with torch.no_grad():
+        logits = session.advance()
+        with pytest.raises(StateError, match=re.escape("advance() reads one appended code per row: append exactly "
+                                                       "one first")):
+            session.advance()  # nothing appended since
+        session.append([int(logits.argmax())])
+        session.read_ahead([5, 6])
+        with pytest.raises(StateError, match=re.escape("drafts read ahead are pending: drop_ahead() before joining "
+                                                       "sessions")):
+            HyperSession.concat([session, prompt_session(tiny_model, tiny_htok)])
+        session.drop_ahead()
 
 
 def test_an_invalid_code_in_a_later_row_leaves_every_row_as_it_was(tiny_model, tiny_htok):

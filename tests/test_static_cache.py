@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hypervocab.errors import ConfigError, InputTypeError
+from hypervocab.errors import ConfigError, InputTypeError, StateError
 
 from .models import V
 
@@ -62,7 +62,7 @@ def test_the_static_step_keeps_its_tensors_where_they_are(tiny_model, tiny_htok)
                                                    ("cand", session.cand), ("ok", session.cand_ok))} == ptrs
         assert (layer.keys.data_ptr(), layer.values.data_ptr()) == kv and st.context is context
         assert session.in_table.shape[1] == tiny_model.codec.max_codebook_size and int(session.count[0]) > 0
-        with pytest.raises(InputTypeError, match=re.escape(f"this static session's cache holds "
+        with pytest.raises(StateError, match=re.escape(f"this static session's cache holds "
                                                            f"{codes.shape[1] + 30} codes")):
             for _ in range(10):
                 _, logits = session.step([int(logits.argmax())])
@@ -119,5 +119,5 @@ def test_static_options_are_checked(tiny_model, tiny_htok, smollm2_tokenizer):
     with torch.no_grad():
         logits, _, _ = session.feed(codes.numpy(), np.ones(codes.shape, np.int64))
         session.append([int(logits.argmax())])
-    with pytest.raises(InputTypeError, match="read_ahead\\(\\) needs the dynamic KV cache"):
+    with pytest.raises(StateError, match="read_ahead\\(\\) needs the dynamic KV cache"):
         session.read_ahead([int(V)])

@@ -11,7 +11,7 @@ from . import errors
 from .codebook import Codebook, Entry
 from .codec import Decoded, DecoderState, EncodedBatch, LZWCodec, Window
 from .config import HyperConfig
-from .errors import ConfigError, HypervocabError, InvalidCodeError, InvalidTokenError
+from .errors import ConfigError, HypervocabError, InvalidCodeError, InvalidTokenError, StateError
 from .streaming import HyperTextStreamer, IncrementalDetokenizer
 from .tokenizer import HyperTokenizer
 from .version import __version__
@@ -60,4 +60,5 @@ __all__ = [
     "ConfigError",
     "InvalidCodeError",
     "InvalidTokenError",
+    "StateError",
 ]

@@ -9,6 +9,8 @@ Every error is a :class:`HypervocabError` and also a built-in ``ValueError`` or
     │   └── TokenTypeError(TypeError)    ...because the input is not a 1-D integer sequence
     ├── InvalidCodeError(ValueError)     a code cannot be decoded at its position
     │   └── CodeTypeError(TypeError)     ...because the input is not a 1-D integer sequence
+    ├── StateError(ValueError)           a call the object's state does not allow now (a consumed past,
+    │                                    drafts read ahead and pending, a full static cache)
     └── InputTypeError(TypeError)        an argument has the wrong type
 
 :func:`check_int` (and :func:`int_problem`, which returns the message instead of raising) is the one
@@ -26,6 +28,7 @@ __all__ = [
     "InvalidTokenError",
     "InvalidCodeError",
     "InputTypeError",
+    "StateError",
     "TokenTypeError",
     "CodeTypeError",
     "check_int",
@@ -43,6 +46,12 @@ class ConfigError(HypervocabError, ValueError):
 
 class InputTypeError(HypervocabError, TypeError):
     """An argument has the wrong type, dtype or number of dimensions."""
+
+
+class StateError(HypervocabError, ValueError):
+    """A call that the object's state does not allow now: a ``past`` continued already, drafts read ahead and
+    still pending, a static cache that is full.  (A ``ValueError``, as Python's own "I/O operation on closed
+    file" is: the arguments are fine, the protocol was not followed.)"""
 
 
 class InvalidTokenError(HypervocabError, ValueError):

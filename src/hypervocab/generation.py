@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .codebook import Codebook
-from .errors import ConfigError, InputTypeError, check_int
+from .errors import ConfigError, InputTypeError, StateError, check_int
 from .sampling import CodeSampler
 from .session import HyperSession, attention_mask_of
 from .speculative import DraftReader, PromptLookup
@@ -302,7 +302,7 @@ def _start(model: Any, input_ids: Any, attention_mask: Any, past: Any,
     if past is not None and not isinstance(past, GenerationState):
         raise InputTypeError(f"past must be a GenerationOutput or GenerationState, got {type(past).__name__}")
     if past is not None and past.used:
-        raise InputTypeError("this past state was already continued once: continue from the newer output")
+        raise StateError("this past state was already continued once: continue from the newer output")
     B = past.batch_size if past is not None else None
     if input_ids is None:
         if past is None:

@@ -23,7 +23,7 @@ import torch
 
 from .codec import DecoderState
 from .embedding import HeadContext
-from .errors import InputTypeError, InvalidCodeError, check_int
+from .errors import InputTypeError, InvalidCodeError, StateError, check_int
 from .kv_cache import cache_argument, growing, merged_cache
 from .positions import position_ids
 
@@ -293,7 +293,7 @@ class HyperSession:
         ``mask`` marks real codes (padding on the left), ``lengths`` their base tokens.
         """
         if self.ahead:
-            raise InputTypeError("drafts read ahead are pending: accept_ahead() or drop_ahead() first")
+            raise StateError("drafts read ahead are pending: accept_ahead() or drop_ahead() first")
         count = torch.as_tensor(self.count, device=self.device)[:, None]
         return self._forward(codes, mask, lengths, count, self.cand[:, None], self.cand_ok[:, None], 1)[:, -1]
 
@@ -303,7 +303,7 @@ class HyperSession:
         ``[B, K, D]`` / ``[B, K]`` at the last ``K = keep`` positions; their logits ``[B, K, V + C]``."""
         mask = np.asarray(mask, np.int64)
         if self.static is not None and self.mask.shape[1] + mask.shape[1] > self.static.max_length:
-            raise InputTypeError(f"this static session's cache holds {self.static.max_length} codes: reading "
+            raise StateError(f"this static session's cache holds {self.static.max_length} codes: reading "
                                  f"{mask.shape[1]} more after {self.mask.shape[1]} would overflow it")
         self._read_vectors(codes, mask)
         pos = position_ids(lengths, mask, self.model.config.position_mode, base_offset=self.base_len,
@@ -372,11 +372,11 @@ class HyperSession:
             InvalidCodeError: a draft code is not valid where it stands (nothing is changed).
         """
         if self.ahead:
-            raise InputTypeError("drafts read ahead are pending: accept_ahead() or drop_ahead() first")
+            raise StateError("drafts read ahead are pending: accept_ahead() or drop_ahead() first")
         if self.static is not None:
-            raise InputTypeError("read_ahead() needs the dynamic KV cache: a static session reads one code a step")
+            raise StateError("read_ahead() needs the dynamic KV cache: a static session reads one code a step")
         if self.batch_size != 1 or len(self.unread[0]) != 1:
-            raise InputTypeError("read_ahead() runs on one row with exactly one appended, unread code")
+            raise StateError("read_ahead() runs on one row with exactly one appended, unread code")
         if not draft:
             return self.advance()
         V = self._V
@@ -429,7 +429,7 @@ class HyperSession:
     def accept_ahead(self) -> None:
         """The code just appended is the next draft code: count its position, read ahead, as read."""
         if not self.ahead or self.unread[0] != [self.ahead[0][0]]:
-            raise InputTypeError("accept_ahead() needs the next draft code appended, and nothing else")
+            raise StateError("accept_ahead() needs the next draft code appended, and nothing else")
         n = self.ahead.pop(0)[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(1, 1)], 1)
         self.base_len, self.code_len = self.base_len + n, self.code_len + 1
@@ -473,7 +473,7 @@ class HyperSession:
         """Read the codes :meth:`append` chose since the last read (one per row): the next logits ``[B, V + C]``."""
         n = {len(u) for u in self.unread}
         if n != {1}:
-            raise InputTypeError("advance() reads one appended code per row: append exactly one first")
+            raise StateError("advance() reads one appended code per row: append exactly one first")
         codes = np.array([[u[0]] for u in self.unread], np.int64)
         lengths = np.array([self.code_lengths(b, [int(c)]) for b, (c,) in enumerate(codes)], np.int64)
         return self.read(codes, np.ones_like(codes), lengths)
@@ -553,9 +553,9 @@ class HyperSession:
         if not isinstance(parts, list) or not parts or not all(isinstance(p, HyperSession) for p in parts):
             raise InputTypeError(f"parts must be a non-empty list of HyperSessions, got {parts!r:.80}")
         if any(p.static is not None for p in parts):
-            raise InputTypeError("a static session holds one sequence in a cache of its own: it can't join others")
+            raise StateError("a static session holds one sequence in a cache of its own: it can't join others")
         if any(p.ahead for p in parts):
-            raise InputTypeError("drafts read ahead are pending: drop_ahead() before joining sessions")
+            raise StateError("drafts read ahead are pending: drop_ahead() before joining sessions")
         n = 0
         for p in parts:
             p.index = np.arange(n, n + p.batch_size)
