@@ -22,6 +22,7 @@ import torch
 
 from hypervocab import HyperModel, HyperTokenizer
 from hypervocab.errors import ConfigError
+from hypervocab.interop import load_public_model, load_public_tokenizer
 
 zip2zip = pytest.importorskip("zip2zip", reason="pip install --no-deps zip2zip==0.2.0 (and omegaconf)")
 
@@ -150,8 +151,8 @@ def test_same_logits_and_generations_as_the_public_runtime(case, tmp_path, base_
     directory = make_checkpoint(tmp_path / "ckpt", base_dir, smollm2_tokenizer, **spec)
     theirs = Zip2ZipModel.from_pretrained(str(directory)).eval()
     their_tok = Zip2ZipTokenizer.from_pretrained(str(directory))
-    ours = HyperModel.from_pretrained(directory).eval()
-    tok = HyperTokenizer.from_pretrained(directory)
+    ours = load_public_model(directory).eval()
+    tok = load_public_tokenizer(directory)
     assert ours.config.base_vocab_size == V and ours.config.position_mode == (
         "base" if spec.get("position_mode") == "base_token_end" else "compressed")
 
@@ -189,8 +190,8 @@ def test_load_reads_the_public_format_as_from_pretrained_does(case, tmp_path, ba
     from hypervocab import load
 
     directory = make_checkpoint(tmp_path / "ckpt", base_dir, smollm2_tokenizer, **dict(CASES[case]))
-    ours = HyperModel.from_pretrained(directory).eval()
-    tok = HyperTokenizer.from_pretrained(directory)
+    ours = load_public_model(directory).eval()
+    tok = load_public_tokenizer(directory)
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         want = ours(**batch).logits
@@ -207,9 +208,20 @@ def test_load_reads_the_public_format_as_from_pretrained_does(case, tmp_path, ba
     torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=0)
 
 
+def test_from_pretrained_reads_only_our_format_and_says_what_reads_the_public_one(tmp_path, plain_checkpoint):
+    """hypervocab.load is the one place that recognises a format: from_pretrained names it."""
+    import re
+
+    want = (f"{str(plain_checkpoint)!r} holds no hypervocab_config.json: not a hypervocab checkpoint (it is one of "
+            "the public zip2zip format: hypervocab.load() reads it, as does hypervocab.interop.load_public_model())")
+    for read in (HyperModel.from_pretrained, HyperTokenizer.from_pretrained):
+        with pytest.raises(ConfigError, match=re.escape(want)):
+            read(plain_checkpoint)
+
+
 def test_tokenizer_decodes_what_it_encodes(tmp_path, base_dir, smollm2_tokenizer):
     directory = make_checkpoint(tmp_path / "ckpt", base_dir, smollm2_tokenizer, kind="transformer", decoder="none")
-    tok = HyperTokenizer.from_pretrained(directory)
+    tok = load_public_tokenizer(directory)
     assert len(tok) == V + C and tok.config.pad_id == smollm2_tokenizer.eos_token_id
     assert tok.config.disabled_ids == sorted(smollm2_tokenizer.get_added_vocab().values())
     ids = tok(PROMPTS[0])["input_ids"]
@@ -217,11 +229,11 @@ def test_tokenizer_decodes_what_it_encodes(tmp_path, base_dir, smollm2_tokenizer
 
 
 def test_a_converted_checkpoint_saves_and_loads_in_our_format(tmp_path, plain_checkpoint):
-    converted = HyperModel.from_pretrained(plain_checkpoint).eval()
+    converted = load_public_model(plain_checkpoint).eval()
     converted.save_pretrained(tmp_path / "ours")
     reloaded = HyperModel.from_pretrained(tmp_path / "ours").eval()
     assert reloaded.config.to_dict() == converted.config.to_dict()
-    batch = HyperTokenizer.from_pretrained(plain_checkpoint)(PROMPTS, return_tensors="pt", padding=True)
+    batch = load_public_tokenizer(plain_checkpoint)(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, converted(**batch).logits)
 
@@ -261,7 +273,7 @@ def _edit_encoders(directory: Path, edit) -> None:
 
 def test_the_attention_encoder_is_refused(broken):
     _edit_config(broken, lambda d: d.update(encoder_type="attention"))
-    for load in (HyperModel.from_pretrained, HyperTokenizer.from_pretrained):
+    for load in (load_public_model, load_public_tokenizer):
         with pytest.raises(ConfigError) as e:
             load(broken)
         assert str(e.value) == (
@@ -272,7 +284,7 @@ def test_the_attention_encoder_is_refused(broken):
 def test_an_unknown_encoder_is_refused(broken):
     _edit_config(broken, lambda d: d.update(encoder_type="perceiver"))
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{broken / 'zip2zip_config.json'}: field 'encoder_type' must be one of "
                             f"['res_latent_attn', 'transformer'], got 'perceiver'")
 
@@ -281,24 +293,24 @@ def test_unknown_fields_and_bad_values_are_refused(broken):
     path = broken / "zip2zip_config.json"
     _edit_config(broken, lambda d: d["encoder"].update(rope_theta=10000.0))
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{path}: unknown field 'encoder.rope_theta' (value 10000.0): written by a zip2zip "
                             f"version hypervocab does not know")
     _edit_config(broken, lambda d: (d["encoder"].pop("rope_theta"), d.update(position_mode="rope_scaled")))
     with pytest.raises(ConfigError) as e:
-        HyperTokenizer.from_pretrained(broken)
+        load_public_tokenizer(broken)
     assert str(e.value) == (f"{path}: field 'position_mode' must be one of ['base_token_end', 'compressed'], "
                             f"got 'rope_scaled'")
     _edit_config(broken, lambda d: (d.update(position_mode="compressed"), d["compression"].update(max_subtokens=0)))
     with pytest.raises(ConfigError) as e:
-        HyperTokenizer.from_pretrained(broken)
+        load_public_tokenizer(broken)
     assert str(e.value) == f"{path}: field 'compression.max_subtokens' must be an int >= 1, got 0"
 
 
 def test_a_missing_encoders_file_is_refused_not_randomised(broken):
     (broken / "zip2zip_encoders.safetensors").unlink()
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{str(broken)!r} has a zip2zip_config.json but no zip2zip_encoders.safetensors or "
                             f"encoders.safetensors: the hyper-encoders' weights are missing (hypervocab never "
                             f"replaces them by random ones)")
@@ -306,7 +318,7 @@ def test_a_missing_encoders_file_is_refused_not_randomised(broken):
 
 def test_the_other_encoders_file_name_is_read(broken, plain_checkpoint):
     (broken / "zip2zip_encoders.safetensors").rename(broken / "encoders.safetensors")
-    a, b = HyperModel.from_pretrained(broken), HyperModel.from_pretrained(plain_checkpoint)
+    a, b = load_public_model(broken), load_public_model(plain_checkpoint)
     assert all(torch.equal(x, y) for x, y in zip(a.input_encoder.state_dict().values(),
                                                  b.input_encoder.state_dict().values()))
 
@@ -317,19 +329,19 @@ def test_missing_extra_and_misshapen_tensors_are_refused(broken):
             "max_subtokens=4"
     _edit_encoders(broken, lambda t: t.pop("output_encoder.layers.1.attention.k_proj.weight"))
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{file}: tensor 'output_encoder.layers.1.attention.k_proj.weight' is missing; "
                             f"zip2zip_config.json (encoder_type 'transformer', {sizes}) needs it")
     _edit_encoders(broken, lambda t: t.update({"output_encoder.layers.1.attention.k_proj.weight": torch.zeros(32, 32),
                                                "input_encoder.layers.2.mlp.fc1.weight": torch.zeros(48, 32)}))
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{file}: unexpected tensor 'input_encoder.layers.2.mlp.fc1.weight': zip2zip_config.json "
                             f"(encoder_type 'transformer', {sizes}) has no place for it")
     _edit_encoders(broken, lambda t: (t.pop("input_encoder.layers.2.mlp.fc1.weight"),
                                       t.update({"input_encoder.layers.0.mlp.fc1.weight": torch.zeros(40, 32)})))
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{file}: tensor 'input_encoder.layers.0.mlp.fc1.weight' (40, 32) does not fit "
                             f"zip2zip_config.json (encoder_type 'transformer', {sizes}), which needs (48, 32)")
 
@@ -337,7 +349,7 @@ def test_missing_extra_and_misshapen_tensors_are_refused(broken):
 def test_an_encoder_width_other_than_the_model_is_refused(broken):
     _edit_config(broken, lambda d: d["encoder"].update(hidden_size=16))
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{broken / 'zip2zip_config.json'}: field 'encoder.hidden_size' is 16, but the base "
                             f"model's input vectors have width 32")
 
@@ -346,7 +358,7 @@ def test_a_base_model_with_a_scaled_embedding_is_refused(broken, base_dir):
     from .models import tiny
 
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken, base_model=tiny("gemma3"))
+        load_public_model(broken, base_model=tiny("gemma3"))
     assert str(e.value) == (f"the base model {str(base_dir)!r} reads ids with a Gemma3TextScaledWordEmbedding; the "
                             f"public zip2zip runtime replaces it by a plain embedding lookup of its weight (dropping "
                             f"any scaling or adapter), which hypervocab does not reproduce")
@@ -355,7 +367,7 @@ def test_a_base_model_with_a_scaled_embedding_is_refused(broken, base_dir):
 def test_decoder_weights_the_public_runtime_ignores_are_refused(broken):
     (broken / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{broken / 'model.safetensors.index.json'}: decoder weights the public runtime would "
                             f"ignore (it reads only adapter_config.json adapters or a single model.safetensors); "
                             f"hypervocab cannot tell which decoder was meant")
@@ -365,7 +377,7 @@ def test_a_full_decoder_next_to_an_adapter_is_refused(broken, base_dir):
     shutil.copy(base_dir / "model.safetensors", broken / "model.safetensors")
     (broken / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{broken / 'model.safetensors'}: decoder weights the public runtime would ignore (it "
                             f"loads the adapter of adapter_config.json instead); hypervocab cannot tell which "
                             f"decoder was meant")
@@ -378,7 +390,7 @@ def test_a_partial_full_decoder_is_refused(broken, base_dir):
     tensors.pop("model.norm.weight")
     save_file(tensors, str(broken / "model.safetensors"))
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{broken / 'model.safetensors'}: tensor 'model.norm.weight' is missing: a full decoder "
                             f"must hold every weight (the public runtime would keep the base model's, a mix of two "
                             f"models)")
@@ -390,7 +402,7 @@ def test_a_meta_file_that_needs_unpickling_is_refused(broken):
     _edit_config(broken, lambda d: d.update(encoder_type="res_latent_attn",
                                             encoder={"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2}))
     with pytest.raises(ConfigError) as e:
-        HyperModel.from_pretrained(broken)
+        load_public_model(broken)
     assert str(e.value) == (f"{broken / 'meta.pt'} cannot be read without running the code it pickles "
                             f"(UnpicklingError); its training arguments may change encoder.causal / "
                             f"encoder.residual, so hypervocab will not guess them (remove the file if "

@@ -101,11 +101,13 @@ def test_a_dtype_reaches_the_base_model_and_the_encoders(folders):
         assert not scores.isnan().any() and torch.isfinite(scores[..., : htok.codec.base_vocab_size]).all()
 
 
-def test_a_plain_causal_lm_gets_untrained_encoders_and_a_note(folders, smollm2_tokenizer, capsys):
+def test_a_plain_causal_lm_gets_untrained_encoders_and_a_warning(folders, smollm2_tokenizer):
+    from hypervocab.errors import UntrainedEncodersWarning
+
     torch.manual_seed(0)
-    model, htok = load(folders["base"], device="cpu", max_codebook_size=32, max_subtokens=3)
-    err = capsys.readouterr().err
-    assert "is not a hypervocab checkpoint" in err and "untrained" in err and str(folders["base"]) in err
+    with pytest.warns(UntrainedEncodersWarning, match=f"{re.escape(str(folders['base']))} is not a hypervocab "
+                                                      "checkpoint, so its hyper-encoders are untrained"):
+        model, htok = load(folders["base"], device="cpu", max_codebook_size=32, max_subtokens=3)
     assert (model.codec.max_codebook_size, model.codec.max_subtokens) == (32, 3) == (htok.codec.max_codebook_size,
                                                                                     htok.codec.max_subtokens)
     assert not model.training and not model.adapter_merged

@@ -176,7 +176,10 @@ class HyperConfig:
     def from_pretrained(cls, directory: str | Path) -> HyperConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
-            raise ConfigError(f"{str(directory)!r} holds no {CONFIG_NAME}: not a hypervocab checkpoint")
+            public = (Path(directory) / "zip2zip_config.json").is_file()
+            raise ConfigError(f"{str(directory)!r} holds no {CONFIG_NAME}: not a hypervocab checkpoint"
+                              + (" (it is one of the public zip2zip format: hypervocab.load() reads it, as does "
+                                 "hypervocab.interop.load_public_model())" if public else ""))
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:

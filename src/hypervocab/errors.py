@@ -13,6 +13,8 @@ Every error is a :class:`HypervocabError` and also a built-in ``ValueError`` or
     │                                    drafts read ahead and pending, a full static cache)
     └── InputTypeError(TypeError)        an argument has the wrong type
 
+    UntrainedEncodersWarning(UserWarning)  a model was wrapped with fresh hyper-encoders (not a checkpoint)
+
 :func:`check_int` (and :func:`int_problem`, which returns the message instead of raising) is the one
 check of an integer setting, so every such message reads the same.
 """
@@ -29,6 +31,7 @@ __all__ = [
     "InvalidCodeError",
     "InputTypeError",
     "StateError",
+    "UntrainedEncodersWarning",
     "TokenTypeError",
     "CodeTypeError",
     "check_int",
@@ -52,6 +55,11 @@ class StateError(HypervocabError, ValueError):
     """A call that the object's state does not allow now: a ``past`` continued already, drafts read ahead and
     still pending, a static cache that is full.  (A ``ValueError``, as Python's own "I/O operation on closed
     file" is: the arguments are fine, the protocol was not followed.)"""
+
+
+class UntrainedEncodersWarning(UserWarning):
+    """``hypervocab.load`` wrapped a plain causal LM: its hyper-encoders are fresh, so a hypertoken means little
+    more than its first token until the model is trained."""
 
 
 class InvalidTokenError(HypervocabError, ValueError):

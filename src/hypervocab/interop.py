@@ -51,7 +51,6 @@ checkpoint, ``model.safetensors`` next to an adapter, shards or ``.bin`` files i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
@@ -64,6 +63,9 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
     from transformers import PreTrainedModel
+
+    from .model import HyperModel
+    from .tokenizer import HyperTokenizer
 
 
 __all__ = [
@@ -417,7 +419,9 @@ def _pad_id(tokenizer: Any) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _load_base_tokenizer(ckpt: PublicCheckpoint, load_tokenizer: Callable[[str], Any]) -> Any:
+def _load_base_tokenizer(ckpt: PublicCheckpoint) -> Any:
+    from .tokenizer import load_tokenizer
+
     try:
         tokenizer = load_tokenizer(ckpt.base_model)
     except (OSError, ValueError) as e:
@@ -512,14 +516,15 @@ def _check_plain_modules(ckpt: PublicCheckpoint, model: PreTrainedModel | PeftMo
                           f"but the base model's embedding has only {rows} rows")
 
 
-def load_public_model(cls: type, directory: str | Path, *, load_tokenizer: Callable[[str], Any],
-                      base_model: PreTrainedModel | PeftModel | None = None, **base_kwargs: Any) -> Any:
-    """Load a checkpoint of the public zip2zip format as a ``cls`` (a :class:`~hypervocab.HyperModel`).
+def load_public_model(directory: str | Path, *, base_model: PreTrainedModel | PeftModel | None = None,
+                      **base_kwargs: Any) -> HyperModel:
+    """Load a checkpoint of the public zip2zip format as a :class:`~hypervocab.HyperModel`.
+
+    :func:`hypervocab.load` calls this for such a folder; ``HyperModel.from_pretrained`` reads only
+    hypervocab's own format.  A model loaded here saves (``save_pretrained``) in hypervocab's format.
 
     Args:
         directory: the checkpoint's folder.
-        load_tokenizer: loads the base model's tokenizer by name or folder
-            (:func:`hypervocab.tokenizer.load_tokenizer`).
         base_model: the base model, already loaded (otherwise from ``base_model_name_or_path``);
             the checkpoint's adapter or full weights are applied to it.
         base_kwargs: for ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``...).
@@ -529,9 +534,11 @@ def load_public_model(cls: type, directory: str | Path, *, load_tokenizer: Calla
     """
     from safetensors.torch import load_file
 
+    from .model import HyperModel
+
     ckpt = read_public_config(directory)
     encoder_file = ckpt.encoder_file()  # before loading a model: a missing file is the cheapest error
-    tokenizer = _load_base_tokenizer(ckpt, load_tokenizer)
+    tokenizer = _load_base_tokenizer(ckpt)
     if base_model is None:
         from transformers import AutoModelForCausalLM
 
@@ -541,7 +548,7 @@ def load_public_model(cls: type, directory: str | Path, *, load_tokenizer: Calla
     # full decoder weights are not the named base model: leave no name a re-saved checkpoint could pair with
     config = public_hyper_config(ckpt, pad_id=_pad_id(tokenizer),
                                  base_model_name_or_path=None if replaced else ckpt.base_model)
-    model = cls(base_model, config)
+    model = HyperModel(base_model, config)
     tensors = load_file(str(encoder_file))
     sides = [("input_encoder", model.input_encoder)]
     if not ckpt.tie_encoders:  # tied: the public loader ignores any output_encoder.* tensors, and so do we
@@ -551,8 +558,11 @@ def load_public_model(cls: type, directory: str | Path, *, load_tokenizer: Calla
     return model
 
 
-def load_public_tokenizer(cls: type, directory: str | Path, *, load_tokenizer: Callable[[str], Any]) -> Any:
+def load_public_tokenizer(directory: str | Path) -> HyperTokenizer:
     """The :class:`~hypervocab.HyperTokenizer` of a public zip2zip checkpoint: its base tokenizer and codec settings."""
+    from .tokenizer import HyperTokenizer
+
     ckpt = read_public_config(directory)
-    tokenizer = _load_base_tokenizer(ckpt, load_tokenizer)
-    return cls(tokenizer, public_hyper_config(ckpt, pad_id=_pad_id(tokenizer), base_model_name_or_path=ckpt.base_model))
+    tokenizer = _load_base_tokenizer(ckpt)
+    return HyperTokenizer(tokenizer, public_hyper_config(ckpt, pad_id=_pad_id(tokenizer),
+                                                         base_model_name_or_path=ckpt.base_model))

@@ -4,7 +4,8 @@ It covers, by what ``name_or_path`` is:
 
 * ``"default"`` (or a shipped model's name): the model shipped inside the package, on SmolLM2-135M-Instruct;
 * a folder with ``hypervocab_config.json``: a checkpoint saved by hypervocab;
-* a folder with ``zip2zip_config.json``: a checkpoint of the public zip2zip format (converted on the fly);
+* a folder with ``zip2zip_config.json``: a checkpoint of the public zip2zip format, converted on the fly
+  (:mod:`hypervocab.interop`; this is the one place that recognises it);
 * anything else: a Hugging Face causal LM (hub id or folder), wrapped with fresh, untrained hyper-encoders.
 
 Every command (``generate``, ``eval``, ``serve``, ``demo``, the lm-eval model type) loads through it.
@@ -12,12 +13,12 @@ Every command (``generate``, ``eval``, ``serve``, ``demo``, the lm-eval model ty
 
 from __future__ import annotations
 
-import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .config import CONFIG_NAME, HyperConfig
-from .errors import ConfigError
+from .errors import ConfigError, UntrainedEncodersWarning
 from .interop import is_public_checkpoint
 from .pretrained import DEFAULT_MODEL, shipped_dir, smollm2_base_dir
 from .tokenizer import HyperTokenizer, load_tokenizer
@@ -117,27 +118,26 @@ def load(name_or_path: str | Path, *, base_model: str | Path | None = None, devi
     if not path.exists() and _is_shipped(name):
         path = shipped_dir(name)  # every shipped model is uptrained SmolLM2-135M-Instruct
         base_model = base_model if base_model is not None else smollm2_base_dir()
-    if (path / CONFIG_NAME).is_file() or is_public_checkpoint(path):
-        kwargs: dict[str, Any] = {"dtype": torch_dtype}
-        if base_model is not None:
-            kwargs = {"base_model": AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch_dtype)}
-        model = HyperModel.from_pretrained(path, **kwargs)
-        has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-        if not has_tokenizer and base_model is None and is_public_checkpoint(path):
-            # a public checkpoint names its base model in its own config (which HyperTokenizer reads), and one
-            # with full decoder weights leaves base_model_name_or_path empty
-            tok = HyperTokenizer.from_pretrained(path).tokenizer
-        else:
-            source = path if has_tokenizer else base_model or model.config.base_model_name_or_path
-            tok = load_tokenizer(str(source))
+    base = None if base_model is None else AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch_dtype)
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    if is_public_checkpoint(path):  # the one place a format other than ours is recognised
+        from .interop import load_public_model, load_public_tokenizer
+
+        model = load_public_model(path, base_model=base, dtype=torch_dtype)
+        # its base model is named in its own config (one with full decoder weights leaves the name empty)
+        tok = (load_tokenizer(str(path if has_tokenizer else base_model)) if has_tokenizer or base_model is not None
+               else load_public_tokenizer(path).tokenizer)
+    elif (path / CONFIG_NAME).is_file():
+        model = HyperModel.from_pretrained(path, **({"dtype": torch_dtype} if base is None else {"base_model": base}))
+        tok = load_tokenizer(str(path if has_tokenizer else base_model or model.config.base_model_name_or_path))
     else:
         tok = load_tokenizer(name)
-        base = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        print(f"note: {name} is not a hypervocab checkpoint, so its hyper-encoders are untrained: a hypertoken it "
-              "reads or writes means little more than its first token (use a checkpoint made by hypervocab training, "
-              "or --no-hypertokens, or --max-codebook-size 0 for the base model unchanged)", file=sys.stderr)
-        model = HyperModel.from_base(base, tok, HyperConfig(max_codebook_size=max_codebook_size,
-                                                            max_subtokens=max_subtokens))
+        warnings.warn(f"{name} is not a hypervocab checkpoint, so its hyper-encoders are untrained: a hypertoken it "
+                      "reads or writes means little more than its first token (use a checkpoint made by hypervocab "
+                      "training, or --no-hypertokens, or --max-codebook-size 0 for the base model unchanged)",
+                      UntrainedEncodersWarning, stacklevel=2)
+        model = HyperModel.from_base(AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype), tok,
+                                     HyperConfig(max_codebook_size=max_codebook_size, max_subtokens=max_subtokens))
     model = model.to(dev).eval()
     if merged:
         model.merge_adapter()

@@ -25,11 +25,9 @@ from .embedding import HeadContext, HyperEmbedding, HyperHead
 from .errors import ConfigError, InputTypeError, InvalidCodeError
 from .generation import generate
 from .hyper_encoder import build_encoder, encoder_options
-from .interop import is_public_checkpoint, load_public_model
 from .loss import next_code_targets, train_scores
 from .positions import position_ids as compute_position_ids
 from .session import HyperSession, attention_mask_of
-from .tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -469,16 +467,13 @@ class HyperModel(nn.Module):
         """Load a checkpoint made by :meth:`save_pretrained`, or one of the public zip2zip format.
 
         The base model is loaded from ``config.base_model_name_or_path`` (at the saved revision) unless
-        ``base_model`` is given; ``base_kwargs`` go to ``AutoModelForCausalLM.from_pretrained``.  A folder
-        with a ``zip2zip_config.json`` (and no ``hypervocab_config.json``) is read by
-        :func:`hypervocab.interop.load_public_model`.
+        ``base_model`` is given; ``base_kwargs`` go to ``AutoModelForCausalLM.from_pretrained``.  Only
+        hypervocab's own format: :func:`hypervocab.load` also reads the public zip2zip one
+        (:func:`hypervocab.interop.load_public_model`).
         """
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if is_public_checkpoint(directory):  # a checkpoint of the public zip2zip runtime: converted on the fly
-            return load_public_model(cls, directory, base_model=base_model, load_tokenizer=load_tokenizer,
-                                     **base_kwargs)
         config = HyperConfig.from_pretrained(directory)
         if base_model is None:
             from transformers import AutoModelForCausalLM

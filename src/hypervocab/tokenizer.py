@@ -15,7 +15,6 @@ import numpy as np
 from .codebook import CodebookBatch
 from .config import HyperConfig, bind_config, default_disabled_ids
 from .errors import ConfigError, InputTypeError
-from .interop import is_public_checkpoint, load_public_tokenizer
 from .positions import position_ids
 from .streaming import IncrementalDetokenizer
 
@@ -186,7 +185,7 @@ class HyperTokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: Any) -> HyperTokenizer:
-        """Load what :meth:`save_pretrained` wrote, or the tokenizer of a public zip2zip checkpoint."""
-        if is_public_checkpoint(directory):  # its base model's tokenizer, with the checkpoint's codec settings
-            return load_public_tokenizer(cls, directory, load_tokenizer=load_tokenizer)
-        return cls(load_tokenizer(str(directory)), HyperConfig.from_pretrained(directory))
+        """Load what :meth:`save_pretrained` wrote (a public zip2zip checkpoint's:
+        :func:`hypervocab.interop.load_public_tokenizer`, or :func:`hypervocab.load`)."""
+        config = HyperConfig.from_pretrained(directory)  # first: the cheap error for a folder that is not ours
+        return cls(load_tokenizer(str(directory)), config)
