@@ -154,8 +154,9 @@ def test_eval_bpb_and_generated_compression_commands(checkpoint, tmp_path, smoll
                  "--out", str(out)]) == 0
     report = json.loads((out / "compression.json").read_text())
     (gen,) = report["generated"]
-    assert gen["prompts"] == 2 and gen["codes"] == 24
-    assert gen["base_tokens_per_code"] == pytest.approx(gen["base_tokens"] / 24) and gen["base_tokens"] >= 24
+    # --max-new-tokens 12 is base tokens: exactly 12 per prompt (end of sequence off), in at most 12 codes each
+    assert gen["prompts"] == 2 and gen["base_tokens"] == 24 and gen["codes"] <= 24
+    assert gen["base_tokens_per_code"] == pytest.approx(24 / gen["codes"])
     assert report["rows"][0]["files"] == 2
 
 

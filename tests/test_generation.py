@@ -289,8 +289,9 @@ def test_cli_generate_streams_the_greedy_text_and_a_stats_line(smollm2_tokenizer
     model = make("llama", smollm2_tokenizer)
     model.config.base_model_name_or_path = str(base_dir)
     model.save_pretrained(ckpt)
+    # --max-new-tokens counts base tokens, as in every command
     want = model.generate(htok(PROMPTS[0], return_tensors="pt")["input_ids"], max_new_tokens=12,
-                          return_dict_in_generate=True)
+                          max_new_base_tokens=12, return_dict_in_generate=True)
     assert main(["generate", "--model", str(ckpt), PROMPTS[0], "--max-new-tokens", "12", "--no-color"]) == 0
     out, err = capsys.readouterr()
     assert out == smollm2_tokenizer.decode(want.new_base_ids[0], skip_special_tokens=True) + "\n"
@@ -301,8 +302,36 @@ def test_cli_generate_streams_the_greedy_text_and_a_stats_line(smollm2_tokenizer
     coloured = capsys.readouterr().out
     assert ("\x1b[36m" in coloured) == (st.hypertokens > 0)
     assert re.sub(r"\x1b\[\d+m", "", coloured) == out
+    assert main(["generate", "--model", str(ckpt), PROMPTS[0], "--max-new-tokens", "12", "--max-new-codes", "3",
+                 "--no-color"]) == 0
+    assert re.search(r"output \d+ tokens in 3 codes", capsys.readouterr().err)
     assert main(["generate", "--model", str(ckpt), "x", "--temperature", "-1", "--top-p", "2"]) == 2
     assert "top_p must be a number in (0, 1] or None, got 2.0" in capsys.readouterr().err
+
+
+def test_every_command_counts_new_tokens_in_base_tokens_and_names_the_draft_length_alike():
+    """One unit per flag name: every --max-new-tokens is base tokens and says so; the draft length: --prompt-lookup."""
+    import argparse
+
+    from hypervocab.cli.main import build_parser
+
+    def walk(parser, path=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, path + (name,))
+            else:
+                yield path, action
+
+    flags = {}
+    for path, action in walk(build_parser()):
+        for opt in action.option_strings:
+            flags.setdefault(opt, []).append((" ".join(path), action.help or ""))
+    assert len(flags["--max-new-tokens"]) >= 5
+    for command, text in flags["--max-new-tokens"]:
+        assert "base tokens" in text, (command, text)
+    assert {c for c, _ in flags["--prompt-lookup"]} >= {"generate", "serve", "demo", "eval generation", "eval speed"}
+    assert not [f for f in flags if "lookup" in f and f not in ("--prompt-lookup",)]
 
 
 def test_right_padded_prompts_give_the_same_codes_as_left_padded_ones(smollm2_tokenizer, htok):

@@ -141,7 +141,7 @@ def _compression(args: argparse.Namespace) -> int:
                                for t in texts]
         gen_rows = generation_compression(model, tok, prompts, max_new_tokens=args.max_new_tokens, progress=show)
         generated = [g.to_dict() for g in gen_rows]
-        tables.append(f"greedy continuations of {args.model} ({args.max_new_tokens} codes after the first "
+        tables.append(f"greedy continuations of {args.model} ({args.max_new_tokens} base tokens after the first "
                       f"{args.prompt_tokens} base tokens of up to {args.generate} files per domain)\n\n"
                       + format_generation_markdown(gen_rows))
     out = _write(args.out, "compression", {"settings": settings, "rows": rows, "generated": generated},
@@ -186,6 +186,7 @@ def _generation(args: argparse.Namespace) -> int:
     check_int("--files", args.files, minimum=1)
     check_int("--places", args.places, minimum=1)
     check_int("--prompt-tokens", args.prompt_tokens, minimum=16)
+    check_int("--prompt-lookup", args.prompt_lookup, minimum=0)
     check_int("--chat", args.chat, minimum=0, maximum=len(CHAT_QUESTIONS))
     check_int("--max-new-tokens", args.max_new_tokens, minimum=1)
     questions = list(CHAT_QUESTIONS[: args.chat]) + list(args.question)
@@ -206,8 +207,8 @@ def _generation(args: argparse.Namespace) -> int:
         by_domain[name] = text_prompts(name, texts, tok, places=args.places, prompt_tokens=args.prompt_tokens)
     check_domains(by_domain)
     prompts = [p for ps in by_domain.values() for p in ps] + chat_prompts(tok, questions)
-    result = generation_report(model, tok, prompts, max_new_tokens=args.max_new_tokens, lookup=not args.no_lookup,
-                               prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, sample=args.sample,
+    result = generation_report(model, tok, prompts, max_new_tokens=args.max_new_tokens, lookup=args.prompt_lookup > 0,
+                               prompt_lookup_num_tokens=max(1, args.prompt_lookup), sample=args.sample,
                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                ignore_eos=args.ignore_eos, progress=sys.stderr.isatty())
     result.settings.update(model=args.model, places=args.places, prompt_tokens=args.prompt_tokens)
@@ -224,10 +225,11 @@ def _speed(args: argparse.Namespace) -> int:
     files = {w: getattr(args, w) for w in ("edit", "document", "free") if getattr(args, w)}
     if not files:
         raise ConfigError("eval speed needs files for at least one workload: --edit, --document or --free")
+    check_int("--prompt-lookup", args.prompt_lookup, minimum=1)
     model, htok = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype)
     result = speed_report(model, htok.tokenizer, files, max_prompt_tokens=args.max_prompt_tokens,
                           max_new_base_tokens=args.max_new_tokens,
-                          prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, repeats=args.repeats,
+                          prompt_lookup_num_tokens=args.prompt_lookup, repeats=args.repeats,
                           cache_implementation=args.cache, progress=sys.stderr.isatty())
     payload = result.to_dict()
     payload["settings"] = {**payload.get("settings", {}), "model": args.model}
@@ -311,7 +313,8 @@ def add_eval_parser(sub: Any) -> None:
     c.add_argument("--generate", type=int, default=None, metavar="N",
                    help="with --model: continue the first N files of each domain and measure the output")
     c.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in base tokens (default 256)")
-    c.add_argument("--max-new-tokens", type=int, default=128, help="codes to generate per prompt (default 128)")
+    c.add_argument("--max-new-tokens", type=int, default=128, help="base tokens to write per prompt, a hypertoken "
+                   "counting as the base tokens it stands for (default 128)")
     c.add_argument("--window", type=int, default=2048, help="codes per window, fresh codebook each (default 2048)")
     c.add_argument("--max-codebook-size", type=int, default=2048, help="C for --tokenizer (default 2048)")
     c.add_argument("--max-subtokens", type=int, default=4, help="M for --tokenizer (default 4)")
@@ -352,9 +355,8 @@ def add_eval_parser(sub: Any) -> None:
                    "(default 64)")
     g.add_argument("--ignore-eos", action="store_true", help="write --max-new-tokens whatever (default: stop at "
                    "end-of-sequence)")
-    g.add_argument("--no-lookup", action="store_true", help="skip hypervocab with prompt lookup")
-    g.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="draft codes of prompt lookup "
-                   "(default 10)")
+    g.add_argument("--prompt-lookup", type=int, default=10, metavar="K",
+                   help="also write with hypervocab's prompt lookup, drafting up to K codes (default 10; 0 skips it)")
     g.add_argument("--sample", action="store_true", help="also sample from both models")
     g.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
     g.add_argument("--top-p", type=float, default=0.9, help="with --sample (default 0.9)")
@@ -377,8 +379,9 @@ def add_eval_parser(sub: Any) -> None:
     sp.add_argument("--max-prompt-tokens", type=int, default=1024, help="prompt length cap in base tokens "
                     "(default 1024)")
     sp.add_argument("--max-new-tokens", type=int, default=128, help="base tokens every system writes (default 128)")
-    sp.add_argument("--prompt-lookup-num-tokens", type=int, default=10, help="prompt lookup's draft length: "
-                    "tokens for the base model, codes for hypervocab (default 10)")
+    sp.add_argument("--prompt-lookup", type=int, default=10, metavar="K",
+                    help="prompt lookup's draft length: K tokens for the base model, K codes for hypervocab "
+                         "(default 10)")
     sp.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and system (default 3)")
     sp.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
                     help="KV cache of base and hypervocab greedy: 'static' preallocates it and, on a GPU, compiles "

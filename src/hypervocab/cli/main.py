@@ -78,8 +78,9 @@ def _generate(args: argparse.Namespace) -> int:
     synchronize(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, mask, max_new_tokens=args.max_new_tokens,
-                             max_new_base_tokens=args.max_new_base_tokens, do_sample=args.temperature > 0,
+        # a code stands for at least one base token: the base-token budget bounds the codes too
+        out = model.generate(ids, mask, max_new_tokens=args.max_new_codes or args.max_new_tokens,
+                             max_new_base_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k,
                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                              stop_strings=args.stop or None, tokenizer=tok, streamer=streamer,
@@ -211,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "name/folder, or 'default' (the shipped model, the default)")
     g.add_argument("--base-model", default=None, help="the base model's folder or hub id, instead of the one the "
                    "checkpoint names")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="codes to generate at most (default 128)")
-    g.add_argument("--max-new-base-tokens", type=int, default=None, help="base tokens to generate at most")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="base tokens to write at most, a hypertoken "
+                   "counting as the base tokens it stands for (default 128)")
+    g.add_argument("--max-new-codes", type=int, default=None, help="also stop after this many codes (decoding "
+                   "steps; default: no limit but --max-new-tokens)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default), else sample")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely codes")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")

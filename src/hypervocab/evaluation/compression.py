@@ -167,7 +167,8 @@ def generation_compression(model: Any, tokenizer: Any, prompts: Mapping[str, Seq
     """Greedy continuations of each domain's prompts: how many base tokens each emitted code stands for.
 
     ``prompts`` maps a domain name to its prompt texts; ``tokenizer`` is the base (Hugging Face)
-    tokenizer.  End of sequence is disabled so every continuation is ``max_new_tokens`` codes long.
+    tokenizer.  End of sequence is disabled so every continuation is ``max_new_tokens`` *base tokens* long
+    (a hypertoken counts as the base tokens it stands for, as in every length the CLI takes).
     """
     import torch
 
@@ -182,7 +183,8 @@ def generation_compression(model: Any, tokenizer: Any, prompts: Mapping[str, Seq
             enc = htok(text, return_tensors="pt")
             with torch.no_grad():
                 out = model.generate(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                     max_new_tokens=max_new_tokens, eos_token_id=[], return_dict_in_generate=True)
+                                     max_new_tokens=max_new_tokens, max_new_base_tokens=max_new_tokens,
+                                     eos_token_id=[], return_dict_in_generate=True)
             st = out.stats[0]
             row.prompts += 1
             row.codes += st.codes
