@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hypervocab.errors import ConfigError, InputTypeError
+from hypervocab.errors import ConfigError, InputTypeError, StateError
 from hypervocab.serving.batch import Finished, Job, Piece, RunningBatch
 from hypervocab.serving.engine import Engine
 from hypervocab.session import HyperSession
@@ -67,13 +67,14 @@ def drive(batch: RunningBatch, schedule: list[tuple[int, Job]], max_steps: int =
     """Join each job at its step and step until every job has ended; the batch size at each step."""
     sizes, step, pending = [], 0, sorted(schedule, key=lambda s: s[0])
     ended = []
-    while pending or len(batch):
+    while pending or batch.busy:
         joining = [j for at, j in pending if at <= step]
         pending = [(at, j) for at, j in pending if at > step]
         ended += batch.join(joining)
-        if len(batch):
-            sizes.append(len(batch))
+        if batch.busy:
             ended += batch.step()
+            if len(batch):
+                sizes.append(len(batch))
         step += 1
         assert step < max_steps
     for j, result in ended:
@@ -81,10 +82,19 @@ def drive(batch: RunningBatch, schedule: list[tuple[int, Job]], max_steps: int =
     return sizes
 
 
-def alone(model, tok, text: str, max_tokens: int, **kw) -> tuple:
+def alone(model, tok, text: str, max_tokens: int, *, prefill_chunk: int = 64, **kw) -> tuple:
     j, out = job(tok, text, max_tokens, **kw)
-    drive(RunningBatch(model, tok), [(0, j)])
+    drive(RunningBatch(model, tok, prefill_chunk=prefill_chunk), [(0, j)])
     return out.summary()
+
+
+def admit(batch: RunningBatch, jobs: list[Job]) -> list:
+    """Join ``jobs`` to an empty batch and read their prompts (whole: the batch must read them in one step)."""
+    assert not batch.busy and batch.prefill_chunk == 0
+    ended = batch.join(jobs)
+    ended += batch.step()
+    assert not batch.joining
+    return ended
 
 
 def test_requests_joining_at_different_steps_write_what_they_write_alone(model, smollm2_tokenizer):
@@ -101,10 +111,10 @@ def test_requests_joining_at_different_steps_write_what_they_write_alone(model, 
 
 def test_the_kv_cache_keeps_only_the_columns_someone_reads(model, smollm2_tokenizer):
     tok = smollm2_tokenizer
-    batch = RunningBatch(model, tok)
+    batch = RunningBatch(model, tok, prefill_chunk=0)
     long_job, _ = job(tok, TEXTS[0] * 3, 3)
     short_job, short = job(tok, TEXTS[2], 20)
-    batch.join([long_job, short_job])
+    admit(batch, [long_job, short_job])
     width = batch.session.mask.shape[1]
     while len(batch) == 2:
         batch.step()
@@ -116,7 +126,7 @@ def test_the_kv_cache_keeps_only_the_columns_someone_reads(model, smollm2_tokeni
     while len(batch):
         ended += batch.step()
     ended[0][0].emit(ended[0][1])
-    assert short.summary() == alone(model, tok, TEXTS[2], 20)
+    assert short.summary() == alone(model, tok, TEXTS[2], 20, prefill_chunk=0)
 
 
 def test_each_row_keeps_its_own_sampling_options_seed_and_logit_bias(model, smollm2_tokenizer):
@@ -140,47 +150,74 @@ def test_a_caller_whose_events_fail_leaves_and_the_others_go_on(model, smollm2_t
     gone = Job(tok(TEXTS[0])["input_ids"], 30, lambda ev: (_ for _ in ()).throw(RuntimeError("event loop is closed")),
                temperature=0.0)
     b, out_b = job(tok, TEXTS[1], 30)
-    batch = RunningBatch(model, tok)
-    batch.join([gone, b])
-    ended = []
+    batch = RunningBatch(model, tok, prefill_chunk=0)
+    ended = admit(batch, [gone, b])
     while len(batch):
         ended += batch.step()
     assert [(j is gone, r.finish_reason) for j, r in ended][0] == (True, "cancelled")
     for j, r in ended:
         if j is b:
             j.emit(r)
-    assert out_b.summary() == alone(model, tok, TEXTS[1], 30)
+    assert out_b.summary() == alone(model, tok, TEXTS[1], 30, prefill_chunk=0)
 
 
 def test_a_cancelled_request_leaves_and_the_others_go_on(model, smollm2_tokenizer):
     tok = smollm2_tokenizer
-    batch = RunningBatch(model, tok)
+    batch = RunningBatch(model, tok, prefill_chunk=0)
     (a, out_a), (b, out_b) = job(tok, TEXTS[0], 30), job(tok, TEXTS[1], 30)
-    batch.join([a, b])
+    admit(batch, [a, b])
     for _ in range(5):
         batch.step()
     a.cancelled.set()
     ended = batch.step()
     assert [(j is a, r.finish_reason) for j, r in ended] == [(True, "cancelled")]
     assert ended[0][1].completion_codes == 5 and len(batch) == 1
-    assert alone(model, tok, TEXTS[0], 30)[0].startswith(out_a.text)  # what it got so far was right
+    assert alone(model, tok, TEXTS[0], 30, prefill_chunk=0)[0].startswith(out_a.text)  # what it got was right
     while len(batch):
         ended += batch.step()
     ended[-1][0].emit(ended[-1][1])
-    assert out_b.summary() == alone(model, tok, TEXTS[1], 30)
+    assert out_b.summary() == alone(model, tok, TEXTS[1], 30, prefill_chunk=0)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=st.lists(st.tuples(st.integers(0, 12), st.sampled_from(range(len(TEXTS))), st.integers(1, 24)),
                      min_size=1, max_size=5),
-       lookup=st.sampled_from([0, 4]))
-def test_any_schedule_of_joins_gives_every_request_its_answer_alone(model, smollm2_tokenizer, plan, lookup):
-    """Property: whatever joins when, with or without prompt lookup while a request is alone."""
+       lookup=st.sampled_from([0, 4]), chunk=st.sampled_from([0, 3, 64]))
+def test_any_schedule_of_joins_gives_every_request_its_answer_alone(model, smollm2_tokenizer, plan, lookup, chunk):
+    """Property: whatever joins when, with or without prompt lookup while a request is alone, prompts read
+    whole or in chunks between the running rows' steps."""
     tok = smollm2_tokenizer
     jobs = [(at, *job(tok, TEXTS[i], n)) for at, i, n in plan]
-    drive(RunningBatch(model, tok, prompt_lookup=lookup), [(at, j) for at, j, _ in jobs])
+    drive(RunningBatch(model, tok, prompt_lookup=lookup, prefill_chunk=chunk), [(at, j) for at, j, _ in jobs])
     for (_, i, n), (_, _, out) in zip(plan, jobs):
-        assert out.summary() == alone(model, tok, TEXTS[i], n)
+        assert out.summary() == alone(model, tok, TEXTS[i], n, prefill_chunk=chunk)
+
+
+def test_a_long_prompt_joining_reads_a_chunk_per_step_while_the_running_rows_go_on(model, smollm2_tokenizer):
+    """A joining prompt is read prefill_chunk codes a step, in between the running row's steps: the running
+    row gets its code every step, and the joiner starts once its whole prompt is read."""
+    tok = smollm2_tokenizer
+    batch = RunningBatch(model, tok, prefill_chunk=8)
+    (a, out_a), (b, out_b) = job(tok, TEXTS[1], 200), job(tok, "".join(TEXTS), 10)
+    ended = batch.join([a])
+    while not len(batch):
+        ended += batch.step()
+    ended += batch.join([b])
+    n_codes = len(model.codec.encode(b.prompt_ids))
+    steps, written = 0, []
+    while batch.joining:
+        ended += batch.step()
+        steps += 1
+        written.append(batch.rows[0].text.codes)
+    assert steps == -(-n_codes // 8) and n_codes > 40  # ceil(codes / 8) steps of reading
+    assert batch.rows[0].job is a and batch.rows[1].job is b
+    assert written == list(range(written[0], written[0] + steps))  # the running row wrote a code each step
+    while batch.busy:
+        ended += batch.step()
+    for j, r in ended:
+        j.emit(r)
+    assert out_a.summary() == alone(model, tok, TEXTS[1], 200, prefill_chunk=8)
+    assert out_b.summary() == alone(model, tok, "".join(TEXTS), 10, prefill_chunk=8)
 
 
 def test_concat_and_compact_leave_every_rows_logits_as_they_were(model, smollm2_tokenizer):
@@ -209,7 +246,7 @@ def test_concat_and_compact_leave_every_rows_logits_as_they_were(model, smollm2_
     assert any(c >= V for s, _ in singles for c in s.history[0])  # hypertokens were read in the batch
     with pytest.raises(InputTypeError, match=re.escape("parts must be a non-empty list of HyperSessions, got []")):
         HyperSession.concat([])
-    with pytest.raises(InputTypeError, match="a static session holds one sequence in a cache of its own"):
+    with pytest.raises(StateError, match="a static session holds one sequence in a cache of its own"):
         HyperSession.concat([model.new_session(1), model.new_session(1, max_length=8)])
 
 
@@ -233,6 +270,8 @@ def test_the_engine_batches_concurrent_requests_and_reports_the_batch_size(model
         engine.close()
     with pytest.raises(ConfigError, match="max_batch_size must be an int >= 1, got 0"):
         Engine(model, tok, max_batch_size=0)
+    with pytest.raises(ConfigError, match="prefill_chunk must be an int >= 0, got -1"):
+        Engine(model, tok, prefill_chunk=-1)
 
 
 def test_a_failing_step_ends_its_batch_with_an_error_and_the_engine_goes_on(model, smollm2_tokenizer):

@@ -64,7 +64,8 @@ def server_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
                               f"or '*', got {args.allowed_origins!r}")
     app_kw: dict[str, Any] = {"limits": limits, "api_key": api_key, "allowed_hosts": hosts,
                               "prompt_lookup": check_int("--prompt-lookup", args.prompt_lookup, minimum=0),
-                              "allowed_origins": origins}
+                              "allowed_origins": origins,
+                              "prefill_chunk": check_int("--prefill-chunk", args.prefill_chunk, minimum=0)}
     server_kw = {"host": args.host, "port": args.port, "log_level": args.log_level, "grace": args.shutdown_timeout,
                  "header_timeout": args.header_timeout, "max_connections": args.max_connections}
     return app_kw, server_kw
@@ -135,5 +136,8 @@ def add_serve_parser(sub: Any) -> None:
                    help="speculative decoding while a request is alone in the batch: draft up to K codes from the "
                         "context, check them "
                         "in one forward (same output; faster where answers quote the prompt; default 0: off)")
+    s.add_argument("--prefill-chunk", type=int, default=64, metavar="N",
+                   help="prompt codes a joining request reads per step, between the running streams' steps, so a "
+                        "long prompt pauses them by about one chunk's forward (default 64; 0: a whole prompt at once)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     s.set_defaults(func=run_server)

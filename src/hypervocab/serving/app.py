@@ -369,7 +369,7 @@ def _add_routes(app: Any, h: _Handlers) -> None:
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", limits: ServeLimits | None = None,
                api_key: str | None = None, allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
-               prompt_lookup: int = 0, allowed_origins: Sequence[str] | None = None) -> Any:
+               prompt_lookup: int = 0, allowed_origins: Sequence[str] | None = None, prefill_chunk: int = 64) -> Any:
     """A FastAPI app serving ``model`` (a :class:`~hypervocab.HyperModel`) with its base ``tokenizer``.
 
     Requests are queued and generated together, joining and leaving one running batch at step
@@ -382,6 +382,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
     prompt_lookup: draft codes per step of speculative decoding for a request alone in the batch (0: off);
     allowed_origins: web origins (``https://app.example.com``) whose pages may POST here; ``None``: only the
     server's own (its playground), ``["*"]``: any.  Browsers' other cross-site POSTs get 403.
+    prefill_chunk: prompt codes a joining request reads per step, between the running streams' steps (0: its
+    whole prompt at once).
     """
     fastapi = _fastapi()
     from .schema import RequestParser
@@ -390,7 +392,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str = "hypervocab", li
     _check_api_key(api_key)
     hosts = None if allowed_hosts is None or "*" in allowed_hosts else [h.strip().lower() for h in allowed_hosts]
     engine = Engine(model.eval(), tokenizer, max_queue=limits.max_queue, max_batch_size=limits.max_batch_size,
-                    prompt_lookup=prompt_lookup)
+                    prompt_lookup=prompt_lookup, prefill_chunk=prefill_chunk)
     metrics = Metrics(engine, max_batch_size=limits.max_batch_size)
     parser = RequestParser(tokenizer, model_name=model_name, vocab_size=model.codec.base_vocab_size, limits=limits)
     # JSON parsing and tokenizing run here, off the event loop (the tokenizer releases the GIL)

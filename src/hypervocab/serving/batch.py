@@ -2,12 +2,14 @@
 
 Each request is one row of a single :class:`~hypervocab.session.HyperSession`, so it keeps its own LZW
 decoder, hypertoken tables, KV cache rows and positions: nothing one request writes is visible to
-another.  A request joins by reading its prompt alone (:meth:`RunningBatch.join`, the same forward it
-would get on an idle server) and is then concatenated to the batch; every step chooses one code per
-row, with the row's own sampling options, budget, stop strings and cancellation; finished rows leave
-and the columns of the KV cache no row reads any more are dropped.  A greedy request therefore writes
-what it would write alone, up to the last bits of float arithmetic that a wider matrix product may
-round differently.
+another.  A request joins by reading its prompt alone, in chunks of ``prefill_chunk`` codes, one step's
+worth at a time between the running rows' decoding steps (so a long prompt joining pauses the running
+streams by about one chunk's forward, not by the whole prompt's), and is then concatenated to the batch;
+every step chooses one code per row, with the row's own sampling options, budget, stop strings and
+cancellation; finished rows leave and the columns of the KV cache no row reads any more are dropped.
+The chunks of a prompt are always cut at the same places, whatever else runs, so a greedy request writes
+what it would write alone, up to the last bits of float arithmetic that a wider matrix product may round
+differently.
 
 With prompt lookup on, a request that is alone in the batch decodes speculatively (drafts are per
 sequence); the moment another joins, its draft is dropped and the batch decodes a code per row.
@@ -161,16 +163,33 @@ class _Row:
                         completion_tokens=t.base_tokens, completion_codes=t.codes, hypertokens=t.hypertokens)
 
 
+@dataclass
+class _Joining:
+    """A request reading its prompt: its own one-row session, the prompt's codes and how many are read."""
+
+    session: Any
+    codes: np.ndarray  # [1, T]
+    row: _Row
+    done: int = 0
+    logits: Any = None  # [1, V + C] after the last chunk
+
+    def next_chunk(self, size: int) -> int:
+        """Codes in the next chunk: chunks are cut at multiples of ``size`` from the prompt's start."""
+        total = self.codes.shape[1]
+        return total - self.done if not size else min(size, total - self.done)
+
+
 class RunningBatch:
     """The requests being generated now, a row each of one :class:`~hypervocab.session.HyperSession`.
 
     model: a :class:`~hypervocab.HyperModel` in eval mode; tokenizer: its base Hugging Face tokenizer;
-    prompt_lookup: draft codes per step while one request is alone in the batch (0: off).  Not thread
-    safe: one worker thread owns it.  :meth:`join` and :meth:`step` return the ``(job, Finished)`` of the
+    prompt_lookup: draft codes per step while one request is alone in the batch (0: off); prefill_chunk:
+    prompt codes read per step for the requests joining (0: a whole prompt at once).  Not thread safe:
+    one worker thread owns it.  :meth:`join` and :meth:`step` return the ``(job, Finished)`` of the
     requests that ended; the caller tells them.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, prompt_lookup: int = 0) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, prompt_lookup: int = 0, prefill_chunk: int = 64) -> None:
         from ..generation import default_eos
         from ..sampling import CodeSampler
 
@@ -179,41 +198,71 @@ class RunningBatch:
         eos = default_eos(model)
         self.eos = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
         self.prompt_lookup = prompt_lookup
+        self.prefill_chunk = prefill_chunk
+        self.joining: list[_Joining] = []  # reading their prompts, oldest first
         self.rows: list[_Row] = []
         self.session: Any = None  # HyperSession of the rows, None when empty
         self.logits: Any = None  # [B, V + C] the next code's logits of every row
         self._masks = CodeSampler(self.V)  # what the session allows every row: budgets
 
     def __len__(self) -> int:
+        """The rows decoding now (the requests still reading their prompts not counted)."""
         return len(self.rows)
 
     @property
+    def busy(self) -> bool:
+        """Whether a step has anything to do: rows to decode, or prompts to read."""
+        return bool(self.rows or self.joining)
+
+    @property
     def jobs(self) -> list[Job]:
-        return [r.job for r in self.rows]
+        """Every request the batch holds: the rows, then the ones reading their prompts."""
+        return [r.job for r in self.rows] + [j.row.job for j in self.joining]
 
     def join(self, jobs: list[Job]) -> list[tuple[Job, Finished]]:
-        """Read each job's prompt (alone, as on an idle server) and add it to the batch."""
-        import torch
-
-        from ..session import HyperSession
-
+        """Take the jobs in: each reads its prompt over the next steps (:meth:`step`), alone, then joins the rows."""
         ended: list[tuple[Job, Finished]] = []
-        parts, logits, rows = [], [], []
         for job in jobs:
             job.started = time.monotonic()
             if job.cancelled.is_set():
                 ended.append((job, Finished("cancelled")))
                 continue
             try:
-                session, lg, row = self._prefill(job)
+                self.joining.append(self._prefill(job))
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
                 ended.append((job, error_result(e)))
+        return ended
+
+    def _read_prompts(self) -> list[tuple[Job, Finished]]:
+        """Read one step's worth of prompt chunks (at least one chunk; then more while they fit in
+        ``prefill_chunk`` codes), and move the requests whose prompts are read into the batch."""
+        import torch
+
+        from ..session import HyperSession
+
+        ended: list[tuple[Job, Finished]] = []
+        for j in [j for j in self.joining if j.row.job.cancelled.is_set()]:
+            self.joining.remove(j)
+            ended.append((j.row.job, Finished("cancelled")))
+        used = 0
+        for j in list(self.joining):
+            n = j.next_chunk(self.prefill_chunk)
+            if used and self.prefill_chunk and used + n > self.prefill_chunk:
+                break
+            try:
+                chunk = j.codes[:, j.done: j.done + n]
+                j.logits, _, _ = j.session.feed(chunk, np.ones_like(chunk))
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+                self.joining.remove(j)
+                ended.append((j.row.job, error_result(e)))
                 continue
-            parts.append(session)
-            logits.append(lg)
-            rows.append(row)
-        if not parts:
+            j.done += n
+            used += n
+        ready = [j for j in self.joining if j.done == j.codes.shape[1]]
+        if not ready:
             return ended
+        self.joining = [j for j in self.joining if j.done < j.codes.shape[1]]
+        parts, logits = [j.session for j in ready], [j.logits for j in ready]
         try:
             if self.session is not None:
                 self._drop_draft()  # a draft is one sequence's: leave it before others join
@@ -224,12 +273,13 @@ class RunningBatch:
             merged = torch.cat(logits)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory while the caches merge
             # concat consumes its parts: the running rows' state is no longer known either, so they end too
-            return ended + [(r.job, error_result(e)) for r in rows] + self.fail(e)
+            return ended + [(j.row.job, error_result(e)) for j in ready] + self._fail_rows(e)
         self.session, self.logits = session, merged
-        self.rows += rows
+        self.rows += [j.row for j in ready]
         return ended
 
-    def _prefill(self, job: Job) -> tuple[Any, Any, _Row]:
+    def _prefill(self, job: Job) -> _Joining:
+        """The job's prompt as codes, its session (nothing read yet) and its row's options."""
         import torch
 
         from ..sampling import CodeSampler
@@ -238,7 +288,6 @@ class RunningBatch:
         model = self.model
         codes = np.asarray([model.codec.encode(job.prompt_ids)], np.int64)
         session = model.new_session(1)
-        logits, _, _ = session.feed(codes, np.ones_like(codes))
         sample = job.temperature >= MIN_TEMPERATURE
         device = session.device
         gen = torch.Generator(device=device).manual_seed(job.seed) if sample and job.seed is not None else None
@@ -251,7 +300,7 @@ class RunningBatch:
                               top_p=job.top_p if sample and job.top_p is not None and job.top_p < 1 else None,
                               allow_hypertokens=not job.logit_bias, generator=gen, logit_bias=bias)
         reader = DraftReader(PromptLookup(model.codec, self.prompt_lookup)) if self.prompt_lookup else None
-        return session, logits, _Row(job, _RowText(job, self.tokenizer), sampler, int(codes.shape[1]), reader)
+        return _Joining(session, codes, _Row(job, _RowText(job, self.tokenizer), sampler, int(codes.shape[1]), reader))
 
     @property
     def _reader(self) -> Any:
@@ -263,7 +312,14 @@ class RunningBatch:
             self._reader.drop(self.session)
 
     def step(self) -> list[tuple[Job, Finished]]:
-        """One code for every row (cancelled rows leave first); the rows that finish leave the batch."""
+        """One code for every row (cancelled rows leave first; the rows that finish leave the batch), then
+        one step's worth of the joining requests' prompts (those fully read join the rows)."""
+        ended = self._decode() if self.rows else []
+        if self.joining:
+            ended += self._read_prompts()
+        return ended
+
+    def _decode(self) -> list[tuple[Job, Finished]]:
         ended = self._leave(np.array([r.job.cancelled.is_set() for r in self.rows], bool), "cancelled")
         if not self.rows:
             return ended
@@ -298,7 +354,12 @@ class RunningBatch:
         return ended
 
     def fail(self, e: BaseException) -> list[tuple[Job, Finished]]:
-        """Every row ends with the error ``e`` (a step failed: the batch's state is no longer known)."""
+        """Every request ends with the error ``e`` (a step failed: the batch's state is no longer known)."""
+        ended = [(j.row.job, error_result(e)) for j in self.joining]
+        self.joining = []
+        return self._fail_rows(e) + ended
+
+    def _fail_rows(self, e: BaseException) -> list[tuple[Job, Finished]]:
         ended = [(r.job, error_result(e)) for r in self.rows]
         self.rows, self.session, self.logits = [], None, None
         return ended

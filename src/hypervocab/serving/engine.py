@@ -35,7 +35,9 @@ class Engine:
     max_queue: requests allowed to wait (beyond it :meth:`submit` raises :class:`QueueFullError`);
     max_batch_size: requests generated at once (1: one at a time);
     prompt_lookup: draft codes per step of speculative decoding while a request is alone in the batch
-    (0: off; see :mod:`hypervocab.speculative`).
+    (0: off; see :mod:`hypervocab.speculative`); prefill_chunk: prompt codes read per step for the requests
+    joining, between the running rows' decoding steps (0: a whole prompt at once, pausing every running stream
+    for as long as it takes).
 
     Failures never stop the worker: a request whose prompt cannot be read ends with an error; a failure
     while requests join the batch (an out-of-memory merging the caches) or during a step ends the
@@ -44,11 +46,12 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_queue: int = 32, max_batch_size: int = 16,
-                 prompt_lookup: int = 0) -> None:
+                 prompt_lookup: int = 0, prefill_chunk: int = 64) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_queue = check_int("max_queue", max_queue, minimum=1)
         self.max_batch_size = check_int("max_batch_size", max_batch_size, minimum=1)
         self.prompt_lookup = check_int("prompt_lookup", prompt_lookup, minimum=0)
+        self.prefill_chunk = check_int("prefill_chunk", prefill_chunk, minimum=0)
         self._queue: collections.deque[Job] = collections.deque()  # waiting jobs, oldest first
         self._wake = threading.Condition()  # guards the queue, _closing, _draining and _current
         self._lock = self._wake  # one lock for all the engine's shared state
@@ -177,14 +180,15 @@ class Engine:
         import torch
 
         torch.set_grad_enabled(False)  # grad mode is per thread
-        batch = RunningBatch(self.model, self.tokenizer, prompt_lookup=self.prompt_lookup)
+        batch = RunningBatch(self.model, self.tokenizer, prompt_lookup=self.prompt_lookup,
+                             prefill_chunk=self.prefill_chunk)
         while True:
-            jobs = self._take(block=not len(batch), room=self.max_batch_size - len(batch))
+            jobs = self._take(block=not batch.busy, room=self.max_batch_size - len(batch.jobs))
             if jobs is None:  # closed: the running rows leave as cancelled, with what they used
                 for job in batch.jobs:
                     job.cancelled.set()
                 try:
-                    ended = batch.step() if len(batch) else []
+                    ended = batch.step() if batch.busy else []
                 except Exception as e:  # noqa: BLE001
                     ended = batch.fail(e)
                 with self._lock:
@@ -201,7 +205,7 @@ class Engine:
                     if self._closing:  # close() came while these joined
                         for job in self._current:
                             job.cancelled.set()
-                if len(batch):
+                if batch.busy:
                     ended += batch.step()
             except Exception as e:  # noqa: BLE001 - a failure ends the requests it touched, never the worker
                 known = {id(j) for j, _ in ended} | {id(j) for j in batch.jobs}
