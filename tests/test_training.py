@@ -544,3 +544,20 @@ def test_the_phrase_ceiling_trains_down_the_mass_over_it(base_dir, repetitive_da
             excess[weight] = float(Objective(model, cfg, None)(phrase_batch(model.codec, smollm2_tokenizer))[1]
                                    ["phrase_loss"])
     assert excess[3.0] < 0.7 * excess[0.0], excess
+
+
+def test_a_run_counts_the_base_tokens_it_read_along_its_data_and_goes_on_counting_when_resumed(
+        base_dir, repetitive_data, smollm2_tokenizer, tmp_path):
+    """base_tokens_seen in the logs: the windows' own base tokens (not full windows), the same after a resume."""
+    from hypervocab.training.data import MixtureOrder, base_tokens_read, build_windows
+
+    out = tmp_path / "run"
+    train(config(base_dir, repetitive_data, out, max_steps=3, save_every=3), progress=False)
+    train(config(base_dir, repetitive_data, out, max_steps=5), progress=False)  # resumes at step 3
+    cfg = config(base_dir, repetitive_data, out)
+    codec = HyperTokenizer.from_base(smollm2_tokenizer, cfg.hyper).codec
+    windows, _ = build_windows(cfg.data, smollm2_tokenizer, codec, window=cfg.window, eval_fraction=0.0, seed=0,
+                               cache_dir=tmp_path / "cache", progress=False)
+    want = base_tokens_read(windows, MixtureOrder(windows, [1.0], 0), draws_per_step=cfg.batch_size, steps=5)
+    got = {r["step"]: r["base_tokens_seen"] for r in metrics(out) if "lm_loss" in r}
+    assert got == {s + 1: int(t) for s, t in enumerate(want)}

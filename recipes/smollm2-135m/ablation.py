@@ -72,7 +72,7 @@ def steps_for_budget(config: Any, budget: int) -> tuple[int, int]:
     import numpy as np
 
     from hypervocab.tokenizer import HyperTokenizer, load_tokenizer
-    from hypervocab.training.data import MixtureOrder, build_windows
+    from hypervocab.training.data import MixtureOrder, base_tokens_read, build_windows
 
     tok = load_tokenizer(config.base_model)
     codec = HyperTokenizer.from_base(tok, config.hyper).codec
@@ -81,14 +81,13 @@ def steps_for_budget(config: Any, budget: int) -> tuple[int, int]:
                                  progress=sys.stderr.isatty())
     order = MixtureOrder(train_set, [d.weight for d in config.data], config.seed)
     per_step = config.batch_size * config.grad_accum
-    # a generous guess at the draws needed, then the exact count from the cumulative sum
-    draws = per_step * max(1, math.ceil(2 * budget / max(1.0, float(train_set.base_tokens.mean())) / per_step))
-    while True:
-        tokens = np.cumsum(train_set.base_tokens[order.indices(0, draws)].reshape(-1, per_step).sum(1))
+    steps = max(1, math.ceil(2 * budget / max(1.0, float(train_set.base_tokens.mean())) / per_step))
+    while True:  # a generous guess at the steps needed, then the exact count
+        tokens = base_tokens_read(train_set, order, draws_per_step=per_step, steps=steps)
         if tokens[-1] >= budget:
-            steps = int(np.searchsorted(tokens, budget)) + 1
-            return steps, int(tokens[steps - 1])
-        draws *= 2
+            n = int(np.searchsorted(tokens, budget)) + 1
+            return n, int(tokens[n - 1])
+        steps *= 2
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:

@@ -64,7 +64,9 @@ def main() -> None:
     hours = sum(step_s) / len(step_s) * steps[-1]["step"] / 3600
     facts = {"steps": steps[-1]["step"], "device": args.device, "codes_per_step": codes_per_step,
              "mean_codes_per_token": cpt,
-             "base_tokens_seen": int(steps[-1]["step"] * codes_per_step / cpt),
+             # counted along the data by the trainer; older runs logged no count: estimated from full windows
+             "base_tokens_seen": steps[-1].get("base_tokens_seen", int(steps[-1]["step"] * codes_per_step / cpt)),
+             "base_tokens_counted": "base_tokens_seen" in steps[-1],
              "estimated_training_hours": round(hours, 2),
              "first_lm_loss": steps[0]["lm_loss"], "last_lm_loss": steps[-1]["lm_loss"],
              "eval_loss": [(r["step"], r["eval_loss"]) for r in evals], "trainable_parameters": params,

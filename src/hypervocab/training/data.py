@@ -743,3 +743,18 @@ class MixtureOrder:
                 sel = passes == p
                 out[where[sel]] = self.windows[k][self._permutation(k, int(p))[pos[sel]]]
         return out
+
+
+def base_tokens_read(windows: WindowSet, order: MixtureOrder, *, draws_per_step: int, steps: int) -> np.ndarray:
+    """``[steps]`` the base tokens the first ``1, 2, ..., steps`` optimiser steps read, in the trainer's order.
+
+    ``draws_per_step``: windows one step reads (batch size x gradient accumulation x processes).  Exact for
+    any run on these windows with this order: a run's base tokens are counted along its data, not estimated
+    from full windows (windows cut at a document's end hold fewer).
+    """
+    check_int("draws_per_step", draws_per_step, minimum=1)
+    check_int("steps", steps, minimum=0)
+    if not steps:
+        return np.zeros(0, dtype=np.int64)
+    read = windows.base_tokens[order.indices(0, steps * draws_per_step)].astype(np.int64)
+    return np.cumsum(read.reshape(steps, draws_per_step).sum(1))

@@ -359,6 +359,7 @@ class _Run:
     pin: bool
     batches: Iterator[Any]
     step: int
+    tokens_seen: int = 0  # base tokens read by steps 1 .. step, counted along the data order
 
     @property
     def metrics_path(self) -> Path:
@@ -414,6 +415,7 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
     while run.step < config.max_steps:
         totals, base_tokens, codes, grad_norm, lrs = _step(run)
         run.step += 1
+        run.tokens_seen += base_tokens
         throughput.add(base_tokens)
         out_of_time = _out_of_time(run, deadline)
         finishing = run.step == config.max_steps or out_of_time
@@ -438,7 +440,7 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> RunResult:
 def _set_up(config: TrainConfig, progress: bool | None) -> _Run:
     """Model, data, objective, optimiser and loader, in the order that makes every process (and a resumed
     run) start from the same seeds; then the newest checkpoint when ``config.resume``."""
-    from .data import MixtureOrder
+    from .data import MixtureOrder, base_tokens_read
 
     started = time.perf_counter()
     init = init_facts(config.init_from) if config.init_from is not None else None  # before any compute
@@ -509,8 +511,10 @@ def _set_up(config: TrainConfig, progress: bool | None) -> _Run:
     batches = iter(micro_batches(train_set, order, maker, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                  world=world, rank=rank, seed=config.seed, start_step=step,
                                  max_steps=config.max_steps, workers=config.loader_workers, pin=pin))
+    per_step = config.batch_size * config.grad_accum * world
+    seen = base_tokens_read(train_set, order, draws_per_step=per_step, steps=step)
     return _Run(config, rank, world, device, out_dir, show, started, model, htok, objective, opt, sched, scaler,
-                trainable, sharded, eval_set, maker, pin, batches, step)
+                trainable, sharded, eval_set, maker, pin, batches, step, int(seen[-1]) if step else 0)
 
 
 def _windows(config: TrainConfig, htok: Any, model: Any, out_dir: Path, *, rank: int, world: int,
@@ -621,7 +625,8 @@ def _log_step(run: _Run, totals: dict[str, torch.Tensor], grad_norm: torch.Tenso
               "grad_norm": values["grad_norm"], "codes_per_token": codes / max(base_tokens, 1),
               "hyper_target_share": values["hyper_targets"] / max(values["targets"], 1),
               "hyper_accuracy": values["hyper_correct"] / max(values["hyper_targets"], 1),
-              "base_tokens_per_s": throughput.rate()}  # after the read-back: the step's work is done
+              "base_tokens_per_s": throughput.rate(),  # after the read-back: the step's work is done
+              "base_tokens_seen": run.tokens_seen}
     for k in ("distill_loss", "phrase_loss", "recon_loss", "next_hyper_loss"):
         if k in values:
             record[k] = values[k] / n
