@@ -109,8 +109,10 @@ def _section() -> str:
         device = f.get("device", "CPU")
         hours = f"{device}, about {f['estimated_training_hours']:.1f} hours of training steps" \
             if "estimated_training_hours" in f else device
-        out.insert(0, f"Trained {f['steps']} steps, about {f['base_tokens_seen']:,} base tokens "
-                      f"({f['codes_per_step']:,} codes per step), on {hours}. Regenerate this report with "
+        seen = (f"{f['base_tokens_seen']:,} base tokens (at most {f['codes_per_step']:,} codes per step; counted "
+                "along the data)" if f.get("base_tokens_counted") else
+                f"about {f['base_tokens_seen']:,} base tokens ({f['codes_per_step']:,} codes per step)")
+        out.insert(0, f"Trained {f['steps']} steps, {seen}, on {hours}. Regenerate this report with "
                       "`python recipes/smollm2-135m/report.py`.\n")
     return "\n".join(out).strip() + "\n"
 
