@@ -160,6 +160,33 @@ def test_merged_adapter_gives_the_same_logits_and_generation(smollm2_tokenizer, 
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
 
 
+def test_the_tables_of_a_call_are_installed_for_its_block_and_the_outer_ones_come_back(smollm2_tokenizer, htok,
+                                                                                       code_text):
+    """model.tables is the one way a forward hands its tables to the wrapped layers: nested calls (scoring inside a
+    forward) see their own and leave the outer ones in place; nothing is left installed after a call, even a
+    failed one."""
+    from hypervocab.embedding import HeadContext
+
+    model = make("llama", smollm2_tokenizer)
+    outer_t, inner_t = torch.zeros(1, 2, 32), torch.ones(1, 3, 32)
+    outer_c = HeadContext(torch.zeros(1, 2, 32), torch.zeros(1, 1, dtype=torch.long), None, None)
+    inner_c = HeadContext(torch.ones(1, 3, 32), torch.ones(1, 1, dtype=torch.long), None, None)
+    with model.tables(outer_t, outer_c) as head:
+        assert model.embedding.table is outer_t and head.context is outer_c
+        with model.tables(inner_t, inner_c):
+            assert model.embedding.table is inner_t and model.head.context is inner_c
+        assert model.embedding.table is outer_t and model.head.context is outer_c
+    assert model.embedding.table is None and model.head.context is None
+    with pytest.raises(RuntimeError, match="boom"), model.tables(inner_t, inner_c):
+        raise RuntimeError("boom")
+    assert model.embedding.table is None and model.head.context is None
+    codes = htok(code_text[:400], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model(codes, compute_logits=False)
+        assert model.embedding.table is None and model.head.context is None
+        torch.testing.assert_close(model.score(out.hidden_states, out.head_context), model(codes).logits)
+
+
 def test_merging_without_lora_does_nothing(smollm2_tokenizer):
     model = make("llama", smollm2_tokenizer)
     assert model.merge_adapter() is model and not model.adapter_merged

@@ -114,6 +114,36 @@ class HyperModel(nn.Module):
     def head(self) -> HyperHead:
         return self.base.get_output_embeddings()
 
+    @contextmanager
+    def tables(self, table: torch.Tensor | None, context: HeadContext | None) -> Iterator[HyperHead]:
+        """Inside the block the wrapped layers read this call's hypertoken tables: the embedding ``table``
+        ``[B, W, D]`` (input vectors of ids ``>= V``) and the head ``context`` (output vectors, the rows each
+        position scores).  The one way a forward hands them over, as PEFT hands per-call state to its layers:
+        the previous ones come back after the block, so a call inside another's (scoring during a forward)
+        leaves the outer one's tables in place.  Yields the head (its ``context.hidden`` holds the hidden states
+        when ``context.capture``)."""
+        emb, head = self.embedding, self.head
+        saved = emb.table, head.context
+        emb.table, head.context = table, context
+        try:
+            yield head
+        finally:
+            emb.table, head.context = saved
+
+    def forward_cached(self, codes: torch.Tensor, *, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       cache: Any, table: torch.Tensor, context: HeadContext, logits_to_keep: int = 0) -> Any:
+        """The incremental forward of a session: ``[B, t]`` codes after what ``cache`` holds.
+
+        ``attention_mask`` ``[B, past + t]`` (or as long as a static cache), ``position_ids`` ``[B, t]``,
+        ``table`` / ``context`` as for :meth:`tables` (the context's rows for these ``t`` positions, or its last
+        ``logits_to_keep``).  Returns the base model's output: ``logits`` ``[B, keep, V + C]`` and the cache.
+        """
+        from .kv_cache import cache_argument
+
+        with self.tables(table, context):
+            return self.base(input_ids=codes, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=logits_to_keep, **{cache_argument(): cache})
+
     def add_lora(self, lora_config: Any) -> HyperModel:
         """Put LoRA adapters (a ``peft.LoraConfig``) on the frozen base model; they are saved with our weights."""
         try:
@@ -281,17 +311,13 @@ class HyperModel(nn.Module):
         cand, cand_ok = self._candidate_vectors(prep) if self.config.codebook_mask == "exact" else (None, None)
         if position_ids is None:
             position_ids = compute_position_ids(prep.lengths, mask, self.config.position_mode)
-        emb, head = self.embedding, self.head
         context = HeadContext(tout, prep.visible, cand, cand_ok)
-        emb.table, head.context = tin, replace(context, capture=not compute_logits)
-        try:
+        with self.tables(tin, replace(context, capture=not compute_logits)) as head:
             # always a mask: without one (and without a cache) transformers reads the gaps of "base" positions
             # (a hypertoken advances them by its length) as the starts of packed sequences
             out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                             **kwargs)
-            hidden = head.context.hidden
-        finally:
-            emb.table, head.context = None, None
+            hidden = head.context.hidden if head.context is not None else None
         if compute_logits:
             loss = self._loss(out.logits, labels, mask) if labels is not None else None
             return HyperOutput(loss, out.logits)
@@ -317,11 +343,8 @@ class HyperModel(nn.Module):
         if context is None:
             logits = head.base(hidden)[..., : self.codec.base_vocab_size]
         else:
-            saved, head.context = head.context, replace(context, capture=False)
-            try:
+            with self.tables(self.embedding.table, replace(context, capture=False)):
                 logits = head(hidden)
-            finally:
-                head.context = saved
         cap = getattr(self.base.config, "final_logit_softcapping", None)
         if cap:  # what models that soft-cap their logits (Gemma 2) do after the head; -inf stays -inf
             logits = torch.where(torch.isfinite(logits), torch.tanh(logits / cap) * cap, logits)

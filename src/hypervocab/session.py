@@ -16,7 +16,7 @@ stays valid while the codebooks grow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from .embedding import HeadContext
 from .errors import InputTypeError, InvalidCodeError, StateError, check_int
 from .kv_cache import cache_argument, growing, merged_cache
 from .positions import position_ids
+
+if TYPE_CHECKING:
+    from .model import HyperModel
 
 __all__ = ["HyperSession", "attention_mask_of"]
 
@@ -67,7 +70,7 @@ class HyperSession:
             (:class:`~hypervocab.static_cache.StaticStep`); ``None`` for the ordinary dynamic one.
     """
 
-    model: Any
+    model: HyperModel
     index: np.ndarray
     decoders: list[DecoderState]
     books: list[list[tuple[int, ...]]]
@@ -93,7 +96,7 @@ class HyperSession:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def start(cls, model: Any, batch_size: int, *, max_length: int | None = None,
+    def start(cls, model: HyperModel, batch_size: int, *, max_length: int | None = None,
               compiled: bool | str | None = None) -> HyperSession:
         """``batch_size`` empty sequences (nothing read yet).
 
@@ -106,9 +109,10 @@ class HyperSession:
         check_int("max_length", max_length, minimum=1, optional=True, error=InputTypeError)
         if max_length is not None and B != 1:
             raise InputTypeError(f"a static session holds one sequence (max_length given), got batch_size={B}")
-        w = model.embedding.base.weight
+        # nn.Module types its attributes loosely: these are the embedding's and the head's weight matrices
+        w, w_out = cast(torch.Tensor, model.embedding.base.weight), cast(torch.Tensor, model.head.base.weight)
         dev, dt = w.device, w.dtype
-        D_in, D_out = w.shape[1], model.head.base.weight.shape[1]
+        D_in, D_out = w.shape[1], w_out.shape[1]
         C = model.codec.max_codebook_size
         # a static session's tables never grow: the step sees the same tensors every time
         cap = min(C, 64) if max_length is None else C
@@ -316,21 +320,16 @@ class HyperSession:
             return self._static_forward(codes, pos, visible, cand, cand_ok, keep)
         W = min(self.model.codec.max_codebook_size, int(visible.max()) + 1) if visible.numel() else 0
         model = self.model
-        emb, head = model.embedding, model.head
-        emb.table = self.in_table[:, :W]
-        head.context = HeadContext(self.out_table[:, :W], visible, cand, cand_ok)
         if self.cache is None:
             from transformers import DynamicCache
 
             self.cache = growing(DynamicCache(config=model.base.config))
-        name = cache_argument()
-        try:
-            out = model.base(input_ids=torch.as_tensor(codes, device=dev), attention_mask=self.mask,
-                             position_ids=torch.as_tensor(pos, device=dev), use_cache=True, logits_to_keep=keep,
-                             **{name: self.cache})
-        finally:
-            emb.table, head.context = None, None
-        self.cache = getattr(out, name)
+        out = model.forward_cached(torch.as_tensor(codes, device=dev), attention_mask=self.mask,
+                                   position_ids=torch.as_tensor(pos, device=dev), cache=self.cache,
+                                   table=self.in_table[:, :W],
+                                   context=HeadContext(self.out_table[:, :W], visible, cand, cand_ok),
+                                   logits_to_keep=keep)
+        self.cache = getattr(out, cache_argument())
         for row in self.unread:
             row.clear()
         return out.logits
@@ -347,13 +346,9 @@ class HyperSession:
             row.clear()
         if codes.shape[1] == 1 and keep == 1:  # a decode step: the step's own context holds cand / cand_ok
             return st(model, codes_t, full, pos_t, visible[:, -1], self.in_table)[:, None]
-        emb, head = model.embedding, model.head
-        emb.table, head.context = self.in_table, HeadContext(self.out_table, visible, cand, cand_ok)
-        try:
-            out = model.base(input_ids=codes_t, attention_mask=full, position_ids=pos_t, use_cache=True,
-                             logits_to_keep=keep, **{cache_argument(): self.cache})
-        finally:
-            emb.table, head.context = None, None
+        out = model.forward_cached(codes_t, attention_mask=full, position_ids=pos_t, cache=self.cache,
+                                   table=self.in_table, context=HeadContext(self.out_table, visible, cand, cand_ok),
+                                   logits_to_keep=keep)
         return out.logits
 
     # ------------------------------------------------------------------ reading drafts ahead (speculation)

@@ -22,12 +22,15 @@ the graph.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .embedding import HeadContext
 from .kv_cache import cache_argument
+
+if TYPE_CHECKING:
+    from .model import HyperModel
 
 __all__ = ["StaticStep", "decode_function"]
 
@@ -58,7 +61,7 @@ class StaticStep:
     backend (``"eager"`` traces the graph without generating code), or ``None``: on a CUDA device.
     """
 
-    def __init__(self, model: Any, batch_size: int, max_length: int, out_table: torch.Tensor, cand: torch.Tensor,
+    def __init__(self, model: HyperModel, batch_size: int, max_length: int, out_table: torch.Tensor, cand: torch.Tensor,
                  cand_ok: torch.Tensor, *, compiled: bool | str | None = None) -> None:
         from transformers import StaticCache
 
@@ -74,13 +77,9 @@ class StaticStep:
         self.compiled = compiled is not False
         self.function = decode_function(self.compiled, compiled if isinstance(compiled, str) else "inductor")
 
-    def __call__(self, model: Any, codes: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def __call__(self, model: HyperModel, codes: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  count: torch.Tensor, in_table: torch.Tensor) -> torch.Tensor:
         """``[B, 1]`` codes -> ``[B, V + C]`` logits; ``attention_mask`` ``[B, max_length]``, ``count`` ``[B]``."""
         self.visible.copy_(count[:, None])
-        emb, head = model.embedding, model.head
-        emb.table, head.context = in_table, self.context
-        try:
+        with model.tables(in_table, self.context):
             return self.function(model.base, codes, attention_mask, position_ids, self.cache, cache_argument())
-        finally:
-            emb.table, head.context = None, None
