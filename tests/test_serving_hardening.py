@@ -488,6 +488,10 @@ def test_the_cli_flags_and_their_defaults(monkeypatch, model, smollm2_tokenizer)
     assert server_settings(parser.parse_args(["serve", "--prompt-lookup", "6"]))[0]["prompt_lookup"] == 6
     with pytest.raises(ConfigError, match=re.escape("--prompt-lookup must be an int >= 0, got -1")):
         server_settings(parser.parse_args(["serve", "--prompt-lookup", "-1"]))
+    assert app_kw["prefill_chunk"] == 64  # joining prompts are read in chunks unless told otherwise
+    assert server_settings(parser.parse_args(["serve", "--prefill-chunk", "0"]))[0]["prefill_chunk"] == 0
+    with pytest.raises(ConfigError, match=re.escape("--prefill-chunk must be an int >= 0, got -2")):
+        server_settings(parser.parse_args(["serve", "--prefill-chunk", "-2"]))
 
     # the whole command, with the model loader and uvicorn stubbed: the app it builds enforces the key
     ran = {}
