@@ -11,7 +11,6 @@ ratio (see :mod:`hypervocab.evaluation.quality`).  A speed-up whose text is wors
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import sysconfig
 import time
@@ -19,7 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..evaluation.quality import MAX_BPB_RATIO, MIN_DISTINCT_RATIO, base_bits, distinct_ngram_ratio, is_worse
+from ..evaluation.quality import (
+    MAX_BPB_RATIO,
+    MIN_DISTINCT_RATIO,
+    base_bits,
+    bits_per_byte,
+    distinct_ngram_ratio,
+    is_worse,
+)
 from ..evaluation.speed import synchronize
 from ..loading import load
 from ..pretrained import shipped_dir
@@ -168,8 +174,7 @@ def _one_prompt(model: Any, htok: Any, title: str, prompt: str, special: bool, a
 
 def _bits_per_byte(model: Any, tok: Any, prompt: list[int], output: list[int]) -> float | None:
     """The base model's bits per byte of ``output`` given ``prompt`` (``None`` for an output of no bytes)."""
-    nll, n_bytes = base_bits(model, tok, prompt, output)
-    return nll / math.log(2) / n_bytes if n_bytes else None
+    return bits_per_byte(*base_bits(model, tok, prompt, output))
 
 
 def _lookup_run(model: Any, ids: Any, mask: Any, plain: Any, args: argparse.Namespace) -> float:

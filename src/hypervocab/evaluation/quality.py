@@ -39,8 +39,9 @@ if TYPE_CHECKING:
     from ..model import HyperModel
 
 __all__ = ["CHAT_QUESTIONS", "MAX_BPB_RATIO", "MIN_DISTINCT_RATIO", "SYSTEMS", "GenerationPrompt",
-           "GenerationResult", "QualityRow", "WrittenText", "base_bits", "chat_prompts", "distinct_ngram_ratio",
-           "generation_report", "is_worse", "model_name", "quality_marker", "quality_rows", "text_prompts"]
+           "GenerationResult", "QualityRow", "WrittenText", "base_bits", "bits_per_byte", "chat_prompts",
+           "distinct_ngram_ratio", "format_value", "generation_report", "is_worse", "model_name", "quality_marker",
+           "quality_rows", "text_prompts"]
 
 MAX_BPB_RATIO = 1.25  # an output's base-model bits per byte may be at most this times the base model's own
 MIN_DISTINCT_RATIO = 0.9  # its distinct-4-gram ratio at least this times the base model's own
@@ -75,6 +76,11 @@ def distinct_ngram_ratio(ids: Sequence[int], n: int = 4) -> float:
         raise InputTypeError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
     grams = [tuple(int(i) for i in ids[k: k + n]) for k in range(len(ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def bits_per_byte(nll: float, n_bytes: int) -> float | None:
+    """Nats over ``n_bytes`` bytes as bits per byte (``None`` for no bytes)."""
+    return nll / math.log(2) / n_bytes if n_bytes else None
 
 
 def base_bits(model: HyperModel, tokenizer: Any, prompt: Sequence[int], output: Sequence[int]) -> tuple[float, int]:
@@ -193,7 +199,7 @@ class WrittenText:
 
     @property
     def bits_per_byte(self) -> float | None:
-        return self.nll / math.log(2) / self.bytes if self.bytes else None
+        return bits_per_byte(self.nll, self.bytes)
 
     @property
     def base_tokens_per_code(self) -> float:
@@ -259,9 +265,9 @@ class GenerationResult:
                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in self.rows:
             verdict = "—" if r.worse is None else "worse" if r.worse else "ok"
-            lines.append(f"| {r.domain} | {r.system} | {r.outputs} | {_fmt(r.bits_per_byte, '.3f')} | "
-                         f"{_fmt(r.bits_per_byte_ratio, '.2f', 'x')} | {r.distinct_4:.3f} | "
-                         f"{_fmt(r.distinct_ratio, '.2f', 'x')} | {r.base_tokens_per_code:.2f} | "
+            lines.append(f"| {r.domain} | {r.system} | {r.outputs} | {format_value(r.bits_per_byte, '.3f')} | "
+                         f"{format_value(r.bits_per_byte_ratio, '.2f', 'x')} | {r.distinct_4:.3f} | "
+                         f"{format_value(r.distinct_ratio, '.2f', 'x')} | {r.base_tokens_per_code:.2f} | "
                          f"{r.hypertoken_share:.0%} | {verdict} |")
         if texts:
             lines += ["", "#### What they wrote", ""]
@@ -272,7 +278,7 @@ class GenerationResult:
                     lines.append("")
                     for o in self.outputs:
                         if o.source == source and o.domain == domain and o.system != "hypervocab_lookup":
-                            bpb = _fmt(o.bits_per_byte, ".2f")
+                            bpb = format_value(o.bits_per_byte, ".2f")
                             lines += [f"- {o.system} ({bpb} bits/byte, distinct-4 {o.distinct_4:.2f}, "
                                       f"{o.base_tokens_per_code:.2f} tokens/code): `{_one_line(o.text)}`"]
                     lines.append("")
@@ -286,7 +292,8 @@ class GenerationResult:
                                        model=str(self.settings.get("model", "model")))
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+def format_value(value: float | None, spec: str, suffix: str = "") -> str:
+    """``value`` in a table cell: formatted by ``spec``, or a dash where there is none."""
     return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
@@ -383,7 +390,7 @@ def quality_rows(outputs: Sequence[WrittenText]) -> list[QualityRow]:
             codes = sum(o.codes if o.codes is not None else o.new_tokens for o in mine)
             rows.append(QualityRow(
                 domain, system, len(mine),
-                bits_per_byte=sum(o.nll for o in mine) / math.log(2) / n_bytes if n_bytes else None,
+                bits_per_byte=bits_per_byte(sum(o.nll for o in mine), n_bytes),
                 distinct_4=statistics.fmean(o.distinct_4 for o in mine),
                 base_tokens_per_code=sum(o.new_tokens for o in mine) / codes if codes else 1.0,
                 hypertoken_share=sum(o.hypertokens or 0 for o in mine) / codes if codes else 0.0))

@@ -65,11 +65,13 @@ from .quality import (
     MAX_BPB_RATIO,
     MIN_DISTINCT_RATIO,
     base_bits,
+    bits_per_byte,
     distinct_ngram_ratio,
     is_worse,
     model_name,
     quality_marker,
 )
+from .quality import format_value as _fmt  # one table-cell format for every evaluation
 
 if TYPE_CHECKING:
     import torch
@@ -267,10 +269,6 @@ class SpeedResult:
         """Write a PNG bar chart of decode throughput per workload, one bar per system; returns its path."""
         return plot_decode_speed([r.to_dict() for r in self.rows], path, systems=SYSTEMS, labels=LABELS,
                                  model=self.settings.get("model", "model"))
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -736,7 +734,7 @@ def _judge(model: HyperModel, tok: Any, prompts: list[tuple[SpeedPrompt, list[in
                 n, b = base_bits(model, tok, ids, out)
                 nll, n_bytes = nll + n, n_bytes + b
                 distinct.append(distinct_ngram_ratio(out))
-        row.bits_per_byte = nll / math.log(2) / n_bytes if n_bytes else None
+        row.bits_per_byte = bits_per_byte(nll, n_bytes)
         row.distinct_4 = statistics.fmean(distinct) if distinct else None
     for row in rows:
         base = next((b for b in rows if b.workload == row.workload and b.system == "base"), None)
