@@ -223,9 +223,9 @@ def test_prompt_lookup_drafts_the_codes_that_followed_the_last_codes_before(tiny
     assert codes == [a, b, 1302, d, x, V, d, V]  # "a b" is entry V, used twice
     lookup = PromptLookup(tiny_model.codec, 4, max_ngram=2)
     # "d (a b)" never occurred before, "(a b)" did at 5: the codes that followed it are the draft, as written
-    assert lookup(session, limit=10) == [d, V]
-    assert lookup(session, limit=1) == [d]
-    assert lookup(session, limit=0) == []
+    assert lookup.for_session(session, limit=10) == [d, V]
+    assert lookup.for_session(session, limit=1) == [d]
+    assert lookup.for_session(session, limit=0) == []
 
 
 def test_prompt_lookup_falls_back_to_tokens_encoded_with_the_live_codebook(tiny_model):
@@ -234,12 +234,12 @@ def test_prompt_lookup_falls_back_to_tokens_encoded_with_the_live_codebook(tiny_
     codes = session.history[0]
     assert codes[-1] >= V and codes.count(codes[-1]) == 1  # "c d" is a hypertoken used once: no code matches
     lookup = PromptLookup(tiny_model.codec, 4, max_ngram=3)
-    draft = lookup(session, limit=10)
+    draft = lookup.for_session(session, limit=10)
     # the tokens "c d" occurred at 2..3, followed by "x c d": written with the live codebook ("x c" is an entry)
     assert draft == tiny_model.codec.encode_continuation([x, c, d], session.decoders[0])
     assert session.decoders[0].copy().push(np.array(draft)).ids.tolist() == [x, c, d]
     assert len(draft) == 2 and draft[0] >= V
-    assert lookup(read_tokens(tiny_model, [a, b, c]), limit=5) == []  # nothing occurred before
+    assert lookup.for_session(read_tokens(tiny_model, [a, b, c]), limit=5) == []  # nothing occurred before
 
 
 def test_prompt_lookup_bad_options_name_the_argument(tiny_model, tiny_htok):
@@ -250,6 +250,23 @@ def test_prompt_lookup_bad_options_name_the_argument(tiny_model, tiny_htok):
         tiny_model.generate(codes, prompt_lookup_num_tokens=2, max_matching_ngram_size="x")
     with pytest.raises(ConfigError, match="prompt_lookup_num_tokens drafts for one sequence: input_ids has 2 rows"):
         tiny_model.generate(torch.cat([codes, codes]), prompt_lookup_num_tokens=2)
+
+
+def test_the_proposer_is_a_pure_function_over_arrays():
+    """ngram_follow's docstring examples hold, and the proposer drafts from plain lists (no session needed)."""
+    import doctest
+
+    from hypervocab import LZWCodec, speculative
+
+    assert doctest.testmod(speculative).failed == 0
+    codec = LZWCodec(V, 64, 4)
+    codes = codec.encode([5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6])
+    state = codec.decoder_state()
+    tokens = state.push(codes).ids.tolist()
+    book = state.codebook
+    entries = [book.phrase(i) for i in book.ids]
+    draft = PromptLookup(codec, 3)(codes.tolist(), tokens, state, entries, 3)
+    assert draft and state.copy().push(np.array(draft)).ids.tolist()[:2] == [7, 8]  # what followed "5 6" before
 
 
 def test_read_ahead_rejects_a_bad_draft_and_keeps_the_session(tiny_model, tiny_htok):

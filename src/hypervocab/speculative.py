@@ -12,28 +12,57 @@ for sampling :func:`accept_draft` keeps the output distribution exactly that of 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from .codec import LZWCodec
+from .codec import DecoderState, LZWCodec
 from .errors import InputTypeError, check_int
 
 if TYPE_CHECKING:
     from .session import HyperSession
 
-__all__ = ["DraftReader", "PromptLookup", "accept_draft"]
+__all__ = ["DraftReader", "PromptLookup", "accept_draft", "ngram_follow"]
+
+
+def ngram_follow(ids: np.ndarray, *, max_ngram: int, width: int) -> np.ndarray | None:
+    """Up to ``width`` ids that followed the latest earlier occurrence of the last n-gram of ``ids``, for ``n``
+    from ``max_ngram`` down to 1 (the longest match wins); ``None`` when no earlier occurrence exists.
+
+    A pure function over an array, the whole of prompt lookup's guess.  In ``a b c d a b``, the last
+    bigram ``a b`` occurred before at the start, followed by ``c d``:
+
+    >>> import numpy as np
+    >>> ngram_follow(np.array([1, 2, 3, 4, 1, 2]), max_ngram=3, width=2).tolist()
+    [3, 4]
+    >>> ngram_follow(np.array([1, 2, 3, 4, 1, 2]), max_ngram=3, width=9).tolist()  # up to the end
+    [3, 4, 1, 2]
+    >>> ngram_follow(np.array([1, 2, 3]), max_ngram=3, width=2) is None  # nothing repeats
+    True
+    """
+    N = len(ids)
+    for n in range(min(max_ngram, N - 1), 0, -1):
+        tail = ids[N - n: N]
+        starts = np.flatnonzero(ids[: N - n] == tail[0])  # occurrences that start before the tail does
+        for o in range(1, n):
+            starts = starts[ids[starts + o] == tail[o]]
+        if len(starts):
+            i = int(starts[-1]) + n
+            return ids[i: min(N, i + width)]
+    return None
 
 
 class _Stream:
-    """A sequence's ids in a growing NumPy buffer, and the latest earlier occurrence of its last n-gram."""
+    """A sequence's ids in a growing NumPy buffer (appended to, never copied whole, as the sequence grows)."""
 
     def __init__(self) -> None:
         self.ids = np.zeros(256, np.int64)
         self.n = 0
 
-    def sync(self, ids: list[int]) -> None:
+    def sync(self, ids: Sequence[int]) -> np.ndarray:
+        """The buffer holding ``ids`` (which extend the ones synced before), as an array view."""
         n = len(ids)
         if n > len(self.ids):
             grown = np.zeros(max(n, 2 * len(self.ids)), np.int64)
@@ -42,19 +71,7 @@ class _Stream:
         if n > self.n:
             self.ids[self.n: n] = ids[self.n:]
         self.n = n
-
-    def follow(self, max_ngram: int, width: int) -> np.ndarray | None:
-        """Up to ``width`` ids that followed the latest earlier occurrence of the last n-gram (longest first)."""
-        t, N = self.ids, self.n
-        for n in range(min(max_ngram, N - 1), 0, -1):
-            tail = t[N - n: N]
-            starts = np.flatnonzero(t[: N - n] == tail[0])  # occurrences that start before the tail does
-            for o in range(1, n):
-                starts = starts[t[starts + o] == tail[o]]
-            if len(starts):
-                i = int(starts[-1]) + n
-                return t[i: min(N, i + width)]
-        return None
+        return self.ids[:n]
 
 
 class PromptLookup:
@@ -94,28 +111,36 @@ class PromptLookup:
         self._misses = 0 if accepted else self._misses + 1
         self._wait = min(16, 1 << (self._misses - 1)) if self._misses else 0
 
-    def __call__(self, session: Any, limit: int) -> list[int]:
-        """A draft of at most ``min(num_codes, limit)`` codes that may follow row 0 of ``session`` (a
-        :class:`~hypervocab.session.HyperSession`); empty when nothing earlier matches."""
+    def __call__(self, codes: Sequence[int], tokens: Sequence[int], decoder: DecoderState,
+                 entries: Sequence[tuple[int, ...]], limit: int) -> list[int]:
+        """A draft of at most ``min(num_codes, limit)`` codes to follow one sequence; empty when nothing earlier
+        matches.
+
+        codes / tokens: the sequence's codes and base tokens so far (each call extends the last one's);
+        decoder: its LZW decoder state; entries: the phrases of its hypertokens so far, in id order.
+        """
         k = min(self.length, limit)
         if k <= 0:
             return []
         if self._wait:
             self._wait -= 1
             return []
-        self._codes.sync(session.history[0])
-        found = self._codes.follow(self.max_ngram, k)
+        found = ngram_follow(self._codes.sync(codes), max_ngram=self.max_ngram, width=k)
         if found is not None:
             return [int(c) for c in found]
-        self._tokens.sync(session.tokens[0])
-        follow = self._tokens.follow(self.max_ngram, k * self.codec.max_subtokens)
+        follow = ngram_follow(self._tokens.sync(tokens), max_ngram=self.max_ngram,
+                              width=k * self.codec.max_subtokens)
         if follow is None:
             return []
-        book, V = session.books[0], self.codec.base_vocab_size
-        for i in range(self._n_known, len(book)):
-            self._known.setdefault(book[i], V + i)
-        self._n_known = len(book)
-        return self.codec.encode_continuation(follow, session.decoders[0], known=self._known, max_codes=k)
+        V = self.codec.base_vocab_size
+        for i in range(self._n_known, len(entries)):
+            self._known.setdefault(entries[i], V + i)
+        self._n_known = len(entries)
+        return self.codec.encode_continuation(follow, decoder, known=self._known, max_codes=k)
+
+    def for_session(self, session: HyperSession, limit: int) -> list[int]:
+        """:meth:`__call__` for row 0 of a :class:`~hypervocab.session.HyperSession`."""
+        return self(session.history[0], session.tokens[0], session.decoders[0], session.books[0], limit)
 
 
 class Chooser(Protocol):
@@ -175,7 +200,7 @@ class DraftReader:
         in ``ahead``."""
         if self.lookup is None or session.batch_size != 1:
             return session.advance()
-        draft = self.lookup(session, steps_left)
+        draft = self.lookup.for_session(session, steps_left)
         self.draft_codes += len(draft)
         if not draft:
             return session.advance()
