@@ -43,7 +43,7 @@ def attention_mask_of(attention_mask: torch.Tensor | None, B: int, T: int, devic
     return attention_mask.long()
 
 
-@dataclass
+@dataclass(kw_only=True)  # 22 fields: built by name, never by position
 class HyperSession:
     """Per-sequence state of a batch being generated or scored (row ``i`` is sequence ``index[i]``).
 
@@ -117,12 +117,17 @@ class HyperSession:
         # a static session's tables never grow: the step sees the same tensors every time
         cap = min(C, 64) if max_length is None else C
         z = np.zeros(B, np.int64)
-        session = cls(model, np.arange(B), [model.codec.decoder_state() for _ in range(B)], [[] for _ in range(B)],
-                      torch.zeros(B, cap, D_in, device=dev, dtype=dt), torch.zeros(B, cap, D_out, device=dev, dtype=dt),
-                      torch.zeros(B, cap, dtype=torch.long, device=dev), z, z.copy(), z.copy(),
-                      torch.zeros(B, D_out, device=dev, dtype=dt), torch.zeros(B, dtype=torch.bool, device=dev),
-                      torch.zeros(B, 0, dtype=torch.long, device=dev), None, [[] for _ in range(B)], None,
-                      np.zeros((B, cap), bool), [None] * B, [[] for _ in range(B)], [[] for _ in range(B)])
+        def rows() -> list[Any]:
+            return [[] for _ in range(B)]
+
+        session = cls(model=model, index=np.arange(B), decoders=[model.codec.decoder_state() for _ in range(B)],
+                      books=rows(), in_table=torch.zeros(B, cap, D_in, device=dev, dtype=dt),
+                      out_table=torch.zeros(B, cap, D_out, device=dev, dtype=dt),
+                      lengths=torch.zeros(B, cap, dtype=torch.long, device=dev), count=z, base_len=z.copy(),
+                      code_len=z.copy(), cand=torch.zeros(B, D_out, device=dev, dtype=dt),
+                      cand_ok=torch.zeros(B, dtype=torch.bool, device=dev),
+                      mask=torch.zeros(B, 0, dtype=torch.long, device=dev), cache=None, unread=rows(), seen=None,
+                      in_ready=np.zeros((B, cap), bool), cand_phrase=[None] * B, tokens=rows(), history=rows())
         if max_length is not None:
             from .static_cache import StaticStep
 
@@ -499,13 +504,14 @@ class HyperSession:
         if self.cache is not None and len(keep) < self.batch_size:
             self.cache.batch_select_indices(idx)
         k = keep.tolist()
-        return HyperSession(self.model, self.index[keep], [self.decoders[i] for i in k], [self.books[i] for i in k],
-                            self.in_table[idx], self.out_table[idx], self.lengths[idx], self.count[keep],
-                            self.base_len[keep], self.code_len[keep], self.cand[idx], self.cand_ok[idx],
-                            self.mask[idx], self.cache, [self.unread[i] for i in k],
-                            None if self.seen is None else self.seen[idx], self.in_ready[keep],
-                            [self.cand_phrase[i] for i in k], [self.tokens[i] for i in k],
-                            [self.history[i] for i in k])
+        return HyperSession(model=self.model, index=self.index[keep], decoders=[self.decoders[i] for i in k],
+                            books=[self.books[i] for i in k], in_table=self.in_table[idx],
+                            out_table=self.out_table[idx], lengths=self.lengths[idx], count=self.count[keep],
+                            base_len=self.base_len[keep], code_len=self.code_len[keep], cand=self.cand[idx],
+                            cand_ok=self.cand_ok[idx], mask=self.mask[idx], cache=self.cache,
+                            unread=[self.unread[i] for i in k], seen=None if self.seen is None else self.seen[idx],
+                            in_ready=self.in_ready[keep], cand_phrase=[self.cand_phrase[i] for i in k],
+                            tokens=[self.tokens[i] for i in k], history=[self.history[i] for i in k])
 
     def detach(self, which: np.ndarray) -> HyperSession:
         """Copy the rows ``which`` out (their KV cache included) before this batch is narrowed."""
@@ -588,11 +594,12 @@ class HyperSession:
         ready = np.zeros((B, cap), bool)
         for p in parts:
             ready[p.index, : p.in_ready.shape[1]] = p.in_ready
-        return cls(first.model, np.arange(B), lists("decoders"), lists("books"), cat("in_table", cap),
-                   cat("out_table", cap), cat("lengths", cap), arrays("count"), arrays("base_len"),
-                   arrays("code_len"), cat("cand"), cat("cand_ok"), cat("mask", S),
-                   merged_cache([p.cache for p in parts], order, S), lists("unread"), seen, ready,
-                   lists("cand_phrase"), lists("tokens"), lists("history"))
+        return cls(model=first.model, index=np.arange(B), decoders=lists("decoders"), books=lists("books"),
+                   in_table=cat("in_table", cap), out_table=cat("out_table", cap), lengths=cat("lengths", cap),
+                   count=arrays("count"), base_len=arrays("base_len"), code_len=arrays("code_len"), cand=cat("cand"),
+                   cand_ok=cat("cand_ok"), mask=cat("mask", S), cache=merged_cache([p.cache for p in parts], order, S),
+                   unread=lists("unread"), seen=seen, in_ready=ready, cand_phrase=lists("cand_phrase"),
+                   tokens=lists("tokens"), history=lists("history"))
 
 
 def _pad(phrases: list[tuple[int, ...]], M: int, device: torch.device) -> torch.Tensor:
