@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 "(default: every arm of the plan)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes in all (the arm in training saves; call again)")
-    p.add_argument("--report-only", action="store_true", help="train and measure nothing: write the tables")
+    p.add_argument("--report-only", action="store_true", help="train nothing: write the tables (and --with-shipped)")
+    p.add_argument("--with-shipped", action="store_true",
+                   help="add the shipped model (measured once the same way, kept with the runs) as a reference row")
     p.add_argument("--max-bytes", type=int, default=8000, help="held-out bytes per domain read (default 8000)")
     p.add_argument("--files", type=int, default=2, help="held-out files per domain written from (default 2)")
     p.add_argument("--places", type=int, default=3, help="prompts cut from each file (default 3)")
@@ -253,9 +255,25 @@ def main(argv: list[str] | None = None) -> int:
                             chat=args.chat, new_tokens=args.new_tokens)
                 out.write_text(json.dumps({"facts": run_facts(run, steps, tokens), **m}) + "\n")
     rows, pending = [], []
+    if args.with_shipped:
+        from hypervocab.pretrained import shipped_dir
+
+        path = plan["output_dir"] / f"shipped-eval-{args.max_bytes}-{args.files}x{args.places}-{args.chat}-" \
+                                    f"{args.new_tokens}.json"
+        if not path.is_file():
+            probe = arm_config(plan, next(iter(plan["arms"])), None)
+            path.write_text(json.dumps(measure(shipped_dir(), probe.base_model, max_bytes=args.max_bytes,
+                                               files=args.files, places=args.places, chat=args.chat,
+                                               new_tokens=args.new_tokens)) + "\n")
+        facts = json.loads((shipped_dir() / "training_facts.json").read_text())
+        evals = facts.get("eval_loss") or [[None, None]]
+        rows.append(summary("shipped (reference)", {"steps": facts["steps"], "base_tokens_seen":
+                                                    facts["base_tokens_seen"], "eval_loss": evals[-1][1]},
+                            json.loads(path.read_text())))
     for name in plan["arms"]:
         run = plan["output_dir"] / name
-        evals = sorted(run.glob(f"ablation-eval-{args.max_bytes}-*.json")) if run.is_dir() else []
+        evals = sorted(run.glob(f"ablation-eval-{args.max_bytes}-{args.files}x{args.places}-{args.chat}-"
+                                f"{args.new_tokens}.json")) if run.is_dir() else []
         if not evals:
             pending.append(name)
             continue
