@@ -356,3 +356,108 @@ def test_detokenizer_rejects_what_is_not_a_base_id(smollm2_tokenizer):
         with pytest.raises(TokenTypeError, match=re.escape(f"ids must be base token ids (ints >= 0), got {bad[-1]!r}")):
             detok.push(bad)
     assert detok.ids == [] and detok.push([]) == ""
+
+
+# ---------------------------------------------------------------------------------------------- options, driver
+
+
+def test_generation_options_are_one_validated_frozen_object(smollm2_tokenizer, htok):
+    import dataclasses
+
+    from hypervocab import GenerationOptions
+
+    opts = GenerationOptions(max_new_tokens=7, stop_strings="\n\n", eos_token_id=[5, 3, 5])
+    assert opts.stop_strings == ("\n\n",) and opts.eos_token_id == (5, 3, 5)
+    assert opts.eos_ids(V, None) == (5, 3) and GenerationOptions().eos_ids(V, [2, 1]) == (2, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.max_new_tokens = 3  # type: ignore[misc]
+    cases = [
+        (lambda: opts.replace(top_p=0), "top_p must be a number in (0, 1] or None, got 0"),  # replace validates
+        (lambda: opts.replace(max_new_token=3), "unknown generation option 'max_new_token'; the options are: "
+                                                "max_new_tokens, max_new_base_tokens, do_sample,"),
+        (lambda: GenerationOptions(logit_bias={3: -100.0}),
+         "logit_bias needs allow_hypertokens=False: a biased base token could come back inside a hypertoken"),
+        (lambda: GenerationOptions(logit_bias={-1: 1.0}, allow_hypertokens=False),
+         "logit_bias must map base ids (ints >= 0) to finite numbers, got {-1: 1.0}"),
+        (lambda: GenerationOptions(eos_token_id="2"),
+         "eos_token_id must be a base id (an int >= 0), a list of them or None, got '2'"),
+        (lambda: GenerationOptions(allow_hypertokens=1), "allow_hypertokens must be True or False, got 1"),
+        (lambda: GenerationOptions(logit_bias={V: 1.0}, allow_hypertokens=False).check_vocab(V),
+         f"logit_bias keys must be base ids in [0, {V}), got {V}"),
+    ]
+    for make_it, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            make_it()
+    model = make("llama", smollm2_tokenizer)
+    ids = htok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with pytest.raises(ConfigError, match="unknown generation option 'max_length'"):
+        model.generate(ids, max_length=5)
+    with pytest.raises(InputTypeError, match="options must be a GenerationOptions, got dict"):
+        model.generate(ids, options={"max_new_tokens": 3})
+    # the object, the keywords, and the object with keywords on top are one thing
+    sampled = GenerationOptions(max_new_tokens=12, do_sample=True, temperature=2.0, seed=4, eos_token_id=[])
+    by_object = model.generate(ids, options=sampled)
+    by_name = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=2.0, seed=4, eos_token_id=[])
+    overridden = model.generate(ids, options=sampled.replace(seed=0), seed=4)
+    assert torch.equal(by_object, by_name) and torch.equal(by_object, overridden)
+    assert not torch.equal(by_object, model.generate(ids, options=sampled.replace(seed=5)))
+
+
+def test_one_decoder_steps_rows_with_their_own_options_as_each_would_alone(smollm2_tokenizer, htok):
+    """The driver generate runs, with rows joining at different steps and each row its own options (the
+    server's use): every row writes what generate writes for it alone."""
+    from hypervocab.generation import Decoder, GenerationOptions, Row
+
+    model = eager(make("llama", smollm2_tokenizer))
+    banned = int(smollm2_tokenizer(" =")["input_ids"][0])
+    plans = [GenerationOptions(max_new_tokens=9, eos_token_id=[]),
+             GenerationOptions(max_new_tokens=30, max_new_base_tokens=11, eos_token_id=[]),
+             GenerationOptions(max_new_tokens=8, allow_hypertokens=False, logit_bias={banned: -100.0},
+                               eos_token_id=[]),
+             GenerationOptions(max_new_tokens=10, do_sample=True, temperature=1.5, seed=3, eos_token_id=[])]
+    decoder = Decoder(V, compact=True)
+    got: dict[int, Row] = {}
+    pending = list(enumerate(plans))
+    steps = 0
+    while pending or len(decoder):
+        if pending and steps % 2 == 0:  # a row joins every other step
+            i, opts = pending.pop(0)
+            codes = htok(PROMPTS[i % len(PROMPTS)], return_tensors="np")["input_ids"]
+            session = model.new_session(1)
+            logits, _, _ = session.feed(codes, np.ones_like(codes))
+            gen = torch.Generator().manual_seed(opts.seed) if opts.seed is not None else None
+            row = Row.start(model, opts, owner=i, eos=frozenset(), generator=gen)
+            decoder.join(session, logits, [row])
+            got[i] = row
+        decoder.step()
+        steps += 1
+    for i, opts in enumerate(plans):
+        codes = htok(PROMPTS[i % len(PROMPTS)], return_tensors="pt")["input_ids"]
+        want = model.generate(codes, options=opts, return_dict_in_generate=True)
+        assert got[i].codes == want.new_codes[0] and got[i].base_ids == want.new_base_ids[0], i
+        assert got[i].finish_reason == want.stats[0].finish_reason
+    assert got[1].finish_reason == "base_budget" and len(got[1].base_ids) == 11
+    assert got[2].hypertokens == 0 and banned not in got[2].base_ids
+    assert any(r.hypertokens for r in got.values())  # the rows did write hypertokens
+
+
+def test_output_text_holds_back_what_may_become_a_stop_string_and_cuts_at_it(smollm2_tokenizer):
+    from hypervocab.streaming import OutputText
+
+    text = "x = 1\ny = 2\n\nz = 3\n"
+    ids = smollm2_tokenizer(text)["input_ids"]
+    pieces: list[tuple[str, bool]] = []
+    out = OutputText(smollm2_tokenizer, ["\n\n", "never"], emit=lambda t, h: pieces.append((t, h)))
+    for k, i in enumerate(ids):
+        out.push([i], hyper=k % 2 == 1)
+        assert "\n\n" not in "".join(t for t, _ in pieces)  # never sent: it might have been the stop
+        if out.stopped:
+            break
+    assert out.stopped and out.text == "x = 1\ny = 2" == "".join(t for t, _ in pieces)
+    out.end()
+    assert out.text == "x = 1\ny = 2"
+    plain = OutputText(smollm2_tokenizer)
+    for i in ids:
+        plain.push([i], hyper=False)
+    plain.end()
+    assert plain.text == text and not plain.stopped

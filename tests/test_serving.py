@@ -18,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 from hypervocab import HyperTokenizer  # noqa: E402
 from hypervocab.errors import ConfigError  # noqa: E402
 from hypervocab.serving import ServeLimits, create_app  # noqa: E402
+from hypervocab.serving.batch import request_options  # noqa: E402
 from hypervocab.serving.engine import Job  # noqa: E402
 
 from .models import make  # noqa: E402
@@ -179,7 +180,7 @@ def test_a_client_that_disconnects_stops_its_generation(server):
 def test_a_full_queue_answers_429(server):
     engine = server.app.state.engine
     release = threading.Event()
-    blocker = Job(prompt_ids=[1, 2, 3], max_tokens=1, emit=lambda ev: release.wait(30))
+    blocker = Job([1, 2, 3], request_options(max_tokens=1), lambda ev: release.wait(30))
     engine.submit(blocker)  # the worker sits in this job's first event until released
     time.sleep(0.2)
     waiting = [threading.Thread(target=lambda: httpx.post(server.url + "/v1/completions", json={

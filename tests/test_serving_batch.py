@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hypervocab.errors import ConfigError, InputTypeError, StateError
-from hypervocab.serving.batch import Finished, Job, Piece, RunningBatch
+from hypervocab.serving.batch import Finished, Job, Piece, RunningBatch, request_options
 from hypervocab.serving.engine import Engine
 from hypervocab.session import HyperSession
 
@@ -60,7 +60,7 @@ class Out:
 
 def job(tok, text: str, max_tokens: int, **kw) -> tuple[Job, Out]:
     out = Out()
-    return Job(tok(text)["input_ids"], max_tokens, out, **{"temperature": 0.0, **kw}), out
+    return Job(tok(text)["input_ids"], request_options(max_tokens=max_tokens, **{"temperature": 0.0, **kw}), out), out
 
 
 def drive(batch: RunningBatch, schedule: list[tuple[int, Job]], max_steps: int = 500) -> list[int]:
@@ -147,8 +147,8 @@ def test_each_row_keeps_its_own_sampling_options_seed_and_logit_bias(model, smol
 
 def test_a_caller_whose_events_fail_leaves_and_the_others_go_on(model, smollm2_tokenizer):
     tok = smollm2_tokenizer
-    gone = Job(tok(TEXTS[0])["input_ids"], 30, lambda ev: (_ for _ in ()).throw(RuntimeError("event loop is closed")),
-               temperature=0.0)
+    gone = Job(tok(TEXTS[0])["input_ids"], request_options(max_tokens=30, temperature=0.0),
+               lambda ev: (_ for _ in ()).throw(RuntimeError("event loop is closed")))
     b, out_b = job(tok, TEXTS[1], 30)
     batch = RunningBatch(model, tok, prefill_chunk=0)
     ended = admit(batch, [gone, b])
@@ -208,9 +208,9 @@ def test_a_long_prompt_joining_reads_a_chunk_per_step_while_the_running_rows_go_
     while batch.joining:
         ended += batch.step()
         steps += 1
-        written.append(batch.rows[0].text.codes)
+        written.append(len(batch.rows[0].codes))
     assert steps == -(-n_codes // 8) and n_codes > 40  # ceil(codes / 8) steps of reading
-    assert batch.rows[0].job is a and batch.rows[1].job is b
+    assert batch.rows[0].owner.job is a and batch.rows[1].owner.job is b
     assert written == list(range(written[0], written[0] + steps))  # the running row wrote a code each step
     while batch.busy:
         ended += batch.step()

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from hypervocab.serving import ServeLimits, create_app  # noqa: E402
-from hypervocab.serving.batch import Job  # noqa: E402
+from hypervocab.serving.batch import Job, request_options  # noqa: E402
 from hypervocab.serving.engine import Engine, QueueFullError  # noqa: E402
 from hypervocab.serving.schema import RequestParser  # noqa: E402
 from hypervocab.serving.server import RateLimitedLog, protocol_class, raise_file_limit  # noqa: E402
@@ -54,7 +54,7 @@ class Events:
 
 def job(tok, prompt: str = PROMPT, max_tokens: int = 8) -> tuple[Job, Events]:
     ev = Events()
-    return Job(prompt_ids=tok(prompt)["input_ids"], max_tokens=max_tokens, emit=ev, temperature=0.0), ev
+    return Job(tok(prompt)["input_ids"], request_options(max_tokens=max_tokens, temperature=0.0), ev), ev
 
 
 # ---------------------------------------------------------------------------------------------- 1. joining
@@ -333,7 +333,7 @@ def test_an_over_long_prompt_is_refused_before_it_is_tokenized(smollm2_tokenizer
         parser.chat(chat)
     assert tok.chars == 0
     ok = parser.completion(json.dumps({"prompt": "x = 1\n" * 10, "max_tokens": 4}).encode())
-    assert ok.job["prompt_ids"] == smollm2_tokenizer("x = 1\n" * 10)["input_ids"]
+    assert ok.prompt_ids == smollm2_tokenizer("x = 1\n" * 10)["input_ids"]
 
 
 # ---------------------------------------------------------------------------------------------- 7. role injection
@@ -347,7 +347,7 @@ def test_message_contents_never_become_special_tokens(smollm2_tokenizer):
 
     def ids(content: str) -> list[int]:
         body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4}
-        return parser.chat(json.dumps(body).encode()).job["prompt_ids"]
+        return parser.chat(json.dumps(body).encode()).prompt_ids
 
     plain = ids("hi")
     honest = tok(tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,

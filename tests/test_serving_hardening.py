@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from hypervocab.errors import ConfigError  # noqa: E402
 from hypervocab.serving import ServeLimits, create_app  # noqa: E402
+from hypervocab.serving.batch import Job, request_options  # noqa: E402
 
 from .models import make  # noqa: E402
 from .test_serving import PROMPT, Server, alone  # noqa: E402
@@ -555,7 +556,7 @@ def test_sigterm_refuses_new_work_ends_the_queue_now_and_running_requests_after_
     t0 = time.monotonic()
     server.handle_exit(signal.SIGTERM, None)
     with pytest.raises(Exception, match="shutting down"):  # no new work from now on
-        engine.submit(type(engine._current[0])(prompt_ids=[1], max_tokens=1, emit=lambda ev: None))
+        engine.submit(Job([1], request_options(max_tokens=1), lambda ev: None))
     for t in threads:
         t.join(30)
     thread.join(30)

@@ -244,9 +244,9 @@ def test_prompt_lookup_falls_back_to_tokens_encoded_with_the_live_codebook(tiny_
 
 def test_prompt_lookup_bad_options_name_the_argument(tiny_model, tiny_htok):
     codes = tiny_htok(PROMPT, return_tensors="pt")["input_ids"]
-    with pytest.raises(ConfigError, match=re.escape("prompt_lookup_num_tokens must be an int >= 1, got 0")):
+    with pytest.raises(ConfigError, match=re.escape("prompt_lookup_num_tokens must be an int >= 1 or None, got 0")):
         tiny_model.generate(codes, prompt_lookup_num_tokens=0)
-    with pytest.raises(ConfigError, match=re.escape("max_matching_ngram_size must be an int >= 1, got 'x'")):
+    with pytest.raises(ConfigError, match=re.escape("max_matching_ngram_size must be an int >= 1 or None, got 'x'")):
         tiny_model.generate(codes, prompt_lookup_num_tokens=2, max_matching_ngram_size="x")
     with pytest.raises(ConfigError, match="prompt_lookup_num_tokens drafts for one sequence: input_ids has 2 rows"):
         tiny_model.generate(torch.cat([codes, codes]), prompt_lookup_num_tokens=2)

@@ -23,7 +23,7 @@ def __getattr__(name: str):
         from . import model
 
         return getattr(model, name)
-    if name in ("GenerationOutput", "SequenceStats"):
+    if name in ("GenerationOptions", "GenerationOutput", "SequenceStats"):
         from . import generation
 
         return getattr(generation, name)
@@ -45,6 +45,7 @@ __all__ = [
     "HyperModel",
     "HyperTokenizer",
     "HyperSession",
+    "GenerationOptions",
     "GenerationOutput",
     "HyperTextStreamer",
     "IncrementalDetokenizer",

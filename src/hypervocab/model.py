@@ -408,6 +408,11 @@ class HyperModel(nn.Module):
         Keyword Args:
             past: a previous :class:`~hypervocab.generation.GenerationOutput` (or its ``state``): continue
                 those sequences without reading them again.
+            options: a :class:`~hypervocab.generation.GenerationOptions` (default: its defaults).  Each of
+                its fields (max_new_tokens, max_new_base_tokens, do_sample, temperature, top_k, top_p,
+                repetition_penalty, eos_token_id, stop_strings, allow_hypertokens, seed, logit_bias,
+                prompt_lookup_num_tokens, max_matching_ngram_size) may also be given here by name,
+                overriding it; an unknown name is a :class:`~hypervocab.errors.ConfigError`.
             max_new_tokens: codes to emit at most (decoding steps; default 20).
             max_new_base_tokens: base tokens to produce at most; a hypertoken longer than what is left is
                 never chosen, so the budget is exact.
@@ -416,6 +421,7 @@ class HyperModel(nn.Module):
             seed / generator: make sampling reproducible (one or the other).
             eos_token_id: base id(s) that end a sequence (default: the base model's); ``[]`` for none.
             stop_strings, tokenizer: end a sequence once its new text contains one of the strings.
+            logit_bias: base id -> a number added to its logit (with ``allow_hypertokens=False``).
             streamer: an object with ``put(ids)`` and ``end()`` (e.g. ``transformers.TextStreamer``), given the
                 prompt's base ids, then each code's base ids; batch size 1 only.
             allow_hypertokens: ``False`` emits base ids only (the prompt may still hold hypertokens).

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from .session import HyperSession
 from .speculative import accept_draft
+
+if TYPE_CHECKING:
+    from .generation import GenerationOptions
 
 __all__ = ["CodeSampler"]
 
@@ -14,22 +19,23 @@ __all__ = ["CodeSampler"]
 class CodeSampler:
     """Turns a step's logits ``[B, V + C]`` into one code per row of a :class:`~hypervocab.session.HyperSession`.
 
-    do_sample / temperature / top_k / top_p / repetition_penalty: as in Hugging Face ``generate`` (the
-    penalty applies to codes the session has seen, when it tracks them); allow_hypertokens: ``False``
-    chooses base ids only; generator: for reproducible sampling; logit_bias: ``[V]`` added to the base
-    ids' logits (OpenAI's ``logit_bias``).
+    options: a :class:`~hypervocab.generation.GenerationOptions` (its sampling fields: do_sample,
+    temperature, top_k, top_p, repetition_penalty (on codes the session has seen, when it tracks them),
+    allow_hypertokens, logit_bias, whose ids are checked against ``V`` by the options' own
+    ``check_vocab``).  generator: for reproducible sampling.
 
     A step is :meth:`scores` (what the session allows: penalty, budget, then :meth:`restrict`), then
-    :meth:`pick`.  The server's batch, whose rows each have their own sampler, masks the whole batch
-    once and has each row's sampler restrict and pick its own row.
+    :meth:`pick`.  A batch whose rows each have their own sampler (the server's) is masked once by a
+    plain sampler, and each row's sampler penalizes, restricts and picks its own row.
     """
 
-    def __init__(self, V: int, *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, repetition_penalty: float = 1.0, allow_hypertokens: bool = True,
-                 generator: torch.Generator | None = None, logit_bias: torch.Tensor | None = None) -> None:
-        self.V, self.do_sample, self.temperature = V, do_sample, temperature
-        self.top_k, self.top_p, self.penalty = top_k, top_p, repetition_penalty
-        self.allow_hypertokens, self.generator, self.logit_bias = allow_hypertokens, generator, logit_bias
+    def __init__(self, V: int, options: GenerationOptions, *, generator: torch.Generator | None = None) -> None:
+        o = options
+        self.V, self.do_sample, self.temperature = V, o.do_sample, float(o.temperature)
+        self.top_k, self.top_p, self.penalty = o.top_k, o.top_p, float(o.repetition_penalty)
+        self.allow_hypertokens, self.generator = o.allow_hypertokens, generator
+        self._bias = o.logit_bias
+        self.logit_bias: torch.Tensor | None = None  # [V], made on the device of the first scores
 
     def __call__(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None = None) -> list[int]:
         """One code per row; ``budget``: ``[B]`` base tokens each row may still write (longer codes are barred)."""
@@ -57,10 +63,7 @@ class CodeSampler:
     def scores(self, logits: torch.Tensor, session: HyperSession, budget: np.ndarray | None) -> torch.Tensor:
         """The logits after the penalty and the masks (float32): what greedy decoding takes the argmax of."""
         V = self.V
-        logits = logits.float()
-        if self.penalty != 1.0 and session.seen is not None:
-            scaled = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
-            logits = torch.where(session.seen, scaled, logits)
+        logits = self.penalize(logits.float(), session.seen)
         if self.allow_hypertokens and budget is not None:
             # a hypertoken longer than what is left of the base-token budget may not be chosen
             W = session.lengths.shape[1]
@@ -74,11 +77,22 @@ class CodeSampler:
                 logits[r, V + at[r]] = float("-inf")
         return self.restrict(logits)
 
+    def penalize(self, scores: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """The repetition penalty on the codes ``seen`` (``[B, V + C]`` bool; ``None``: not tracked)."""
+        if self.penalty == 1.0 or seen is None:
+            return scores
+        scaled = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen, scaled, scores)
+
     def restrict(self, scores: torch.Tensor) -> torch.Tensor:
         """This sampler's own changes to float32 ``scores`` ``[B, V + C]`` (in place): bias, base ids only."""
         V = self.V
-        if self.logit_bias is not None:
-            scores[:, :V] += self.logit_bias.to(scores.device, scores.dtype)
+        if self._bias:
+            if self.logit_bias is None or self.logit_bias.device != scores.device:
+                self.logit_bias = torch.zeros(V, device=scores.device)
+                self.logit_bias[torch.as_tensor(list(self._bias), dtype=torch.long, device=scores.device)] = \
+                    torch.as_tensor(list(self._bias.values()), device=scores.device)
+            scores[:, :V] += self.logit_bias.to(scores.dtype)
         if not self.allow_hypertokens:
             scores[:, V:] = float("-inf")
         return scores
@@ -97,3 +111,4 @@ class CodeSampler:
             drop[:, 0] = False
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
         return logits.softmax(-1)
+

@@ -6,14 +6,14 @@ No torch here: ids may be lists, NumPy arrays or tensors (anything with ``reshap
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from .errors import TokenTypeError
 
-__all__ = ["HyperTextStreamer", "IncrementalDetokenizer"]
+__all__ = ["HyperTextStreamer", "IncrementalDetokenizer", "OutputText"]
 
 
 class IncrementalDetokenizer:
@@ -66,6 +66,71 @@ class IncrementalDetokenizer:
     def text(self) -> str:
         """Everything emitted so far."""
         return self._emitted
+
+
+class OutputText:
+    """A sequence's new text as its codes are written: final text only, cut at the first stop string.
+
+    tokenizer: the base Hugging Face tokenizer; stop_strings: the text ends just before the first of them
+    to appear, and :attr:`stopped` turns true; emit: called with each piece of final text and whether a
+    hypertoken wrote it, held back while it could still be the start of a stop string (``None``: only
+    keep :attr:`text`); skip_special_tokens: as in ``decode``.
+
+    >>> out = OutputText(tokenizer, ["\n\n"])         # doctest: +SKIP
+    >>> out.push([40, 1044], hyper=True); out.stopped  # doctest: +SKIP
+    False
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str] = (), *,
+                 emit: Callable[[str, bool], None] | None = None, skip_special_tokens: bool = False) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.stop_strings, self.emit = list(stop_strings), emit
+        self.pending: list[tuple[str, bool]] = []  # final text held back: it may still become a stop string
+        self.text = ""  # the text released so far (all of it, once ended)
+        self.stopped = False
+        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
+
+    def push(self, ids: Sequence[int], *, hyper: bool) -> None:
+        """The base ids of one code just written (``hyper``: the code is a hypertoken)."""
+        self._add(self.detok.push(ids), hyper)
+
+    def end(self) -> None:
+        """The sequence has ended: release what is held back (up to a stop string)."""
+        self._add(self.detok.flush(), False)
+        self._release(final=True)
+
+    def _add(self, text: str, hyper: bool) -> None:
+        if text and not self.stopped:
+            self.pending.append((text, hyper))
+            self._release(final=False)
+
+    def _release(self, *, final: bool) -> None:
+        if self.stopped:
+            return
+        held = "".join(t for t, _ in self.pending)
+        whole = self.text + held
+        # a stop string may start in text already released (it was held back only as long as it could be one)
+        cut = min((i for i in (whole.find(s, max(0, len(self.text) - len(s))) for s in self.stop_strings) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._send(cut - len(self.text))
+            return
+        self._send(len(held) if final else max(0, len(held) - self.hold))
+
+    def _send(self, n: int) -> None:
+        """Release the first ``n`` held-back characters, keeping each piece's hypertoken flag."""
+        while n > 0 and self.pending:
+            text, hyper = self.pending[0]
+            part = text[:n]
+            if len(part) == len(text):
+                self.pending.pop(0)
+            else:
+                self.pending[0] = (text[len(part):], hyper)
+            n -= len(part)
+            self.text += part
+            if self.emit is not None:
+                self.emit(part, hyper)
 
 
 class HyperTextStreamer:

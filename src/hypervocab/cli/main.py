@@ -59,6 +59,16 @@ def _compress(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from ..generation import GenerationOptions
+
+    # the options are checked before the model loads; a code stands for at least one base token, so the
+    # base-token budget bounds the codes too
+    options = GenerationOptions(
+        max_new_tokens=args.max_new_codes or args.max_new_tokens, max_new_base_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop_strings=tuple(args.stop or ()), allow_hypertokens=not args.no_hypertokens,
+        prompt_lookup_num_tokens=args.prompt_lookup or None)
     model, htok = load(args.model, base_model=args.base_model, device=args.device, dtype=args.dtype,
                        max_codebook_size=args.max_codebook_size, max_subtokens=args.max_subtokens)
     device = next(model.parameters()).device
@@ -78,14 +88,7 @@ def _generate(args: argparse.Namespace) -> int:
     synchronize(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        # a code stands for at least one base token: the base-token budget bounds the codes too
-        out = model.generate(ids, mask, max_new_tokens=args.max_new_codes or args.max_new_tokens,
-                             max_new_base_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                             temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k,
-                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                             stop_strings=args.stop or None, tokenizer=tok, streamer=streamer,
-                             allow_hypertokens=not args.no_hypertokens,
-                             prompt_lookup_num_tokens=args.prompt_lookup or None,
+        out = model.generate(ids, mask, options=options, tokenizer=tok, streamer=streamer,
                              return_dict_in_generate=True)
     synchronize(device)
     dt = time.perf_counter() - t0

@@ -314,7 +314,7 @@ class _Handlers:
     async def run(self, request: Any, prepared: "Prepared", *, chat: bool) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Piece | Finished] = asyncio.Queue()
-        job = Job(emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), **prepared.job)
+        job = Job(prepared.prompt_ids, prepared.options, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         try:
             self.engine.submit(job)
         except QueueFullError as e:

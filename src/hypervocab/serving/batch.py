@@ -14,10 +14,9 @@ differently.
 With prompt lookup on, a request that is alone in the batch decodes speculatively (drafts are per
 sequence); the moment another joins, its draft is dropped and the batch decodes a code per row.
 
-A temperature below :data:`MIN_TEMPERATURE` is greedy: dividing the logits by it would overflow
-float32 (1e-40 gives ``inf``, so ``nan`` probabilities), and sampling that cold is greedy anyway.
-``logit_bias`` is added to the base tokens' logits, and such a request generates base tokens only
-(see :class:`Job`).
+The decode step is :class:`~hypervocab.generation.Decoder`'s, the loop ``generate`` runs too; a request's
+options are a :class:`~hypervocab.generation.GenerationOptions` (:func:`request_options` reads OpenAI's
+fields into one).
 """
 
 from __future__ import annotations
@@ -26,11 +25,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["MIN_TEMPERATURE", "Finished", "Job", "Piece", "RunningBatch"]
+if TYPE_CHECKING:
+    from ..generation import GenerationOptions, Row
+    from ..model import HyperModel
+
+__all__ = ["MIN_TEMPERATURE", "Finished", "Job", "Piece", "RunningBatch", "request_options"]
 
 # below this a temperature is greedy: logits / 1e-40 overflow float32, and sampling this cold is greedy anyway
 MIN_TEMPERATURE = 1e-5
@@ -60,24 +63,44 @@ class Finished:
     error: str | None = None
 
 
+# how the decoder's reasons read in OpenAI's terms
+_FINISH = {"eos": "stop", "stop_string": "stop", "base_budget": "length", "length": "length", "cancelled": "cancelled"}
+
+
+def request_options(*, max_tokens: int, temperature: float = 1.0, top_p: float | None = None,
+                    seed: int | None = None, stop: list[str] | None = None,
+                    logit_bias: dict[int, float] | None = None, prompt_lookup: int = 0) -> GenerationOptions:
+    """OpenAI's request fields as :class:`~hypervocab.generation.GenerationOptions`.
+
+    ``max_tokens`` counts base tokens (what OpenAI's clients count).  A temperature below
+    :data:`MIN_TEMPERATURE` is greedy: dividing the logits by it would overflow float32 (1e-40 gives
+    ``inf``, so ``nan`` probabilities), and sampling that cold is greedy anyway; ``top_p`` and ``seed``
+    matter only when sampling.  A request with a ``logit_bias`` writes base tokens only, so that a banned
+    token cannot come back inside a hypertoken and a favoured one means what it means for the base model.
+    ``prompt_lookup``: the server's draft length (0: off).
+    """
+    from ..generation import GenerationOptions
+
+    sample = temperature >= MIN_TEMPERATURE
+    return GenerationOptions(
+        max_new_tokens=max_tokens, max_new_base_tokens=max_tokens, do_sample=sample,
+        temperature=temperature if sample else 1.0,
+        top_p=top_p if sample and top_p is not None and top_p < 1 else None,
+        seed=seed if sample else None, stop_strings=tuple(stop or ()), logit_bias=dict(logit_bias or {}),
+        allow_hypertokens=not logit_bias, prompt_lookup_num_tokens=prompt_lookup or None)
+
+
 @dataclass(eq=False)
 class Job:
-    """One request: base token ids of the prompt and generation options; ``emit`` receives events.
+    """One request: base token ids of the prompt and its options; ``emit`` receives events.
 
-    seed: ``None`` or an int in [0, 2**64); logit_bias: base id -> value added to its logit.  A request
-    with a bias generates base tokens only (no hypertokens), so that a banned token cannot come back
-    inside a hypertoken and a favoured one means what it means for the base model.  ``started``: when
-    it joined the batch (``None`` while it waits).
+    options: made by :func:`request_options` (the server's draft length is set on them when the job
+    joins).  ``started``: when it joined the batch (``None`` while it waits).
     """
 
     prompt_ids: list[int]
-    max_tokens: int
+    options: GenerationOptions
     emit: Callable[[Piece | Finished], None]
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logit_bias: dict[int, float] = field(default_factory=dict)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -87,80 +110,19 @@ def error_result(e: BaseException) -> Finished:
     return Finished("error", error=f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS])
 
 
-class _RowText:
-    """One request's output text: decoded as codes come, stop strings cut, final pieces sent to ``emit``."""
-
-    def __init__(self, job: Job, tokenizer: Any) -> None:
-        from ..streaming import IncrementalDetokenizer
-
-        self.job = job
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
-        self.codes = self.base_tokens = self.hypertokens = 0
-        self.pending: list[tuple[str, bool]] = []  # final text held back: it may still become a stop string
-        self.sent = ""
-        self.stopped = False
-        self.hold = max((len(s) for s in job.stop), default=1) - 1
-
-    def push(self, ids: list[int]) -> None:
-        """The base ids of one code just written."""
-        self.codes += 1
-        self.base_tokens += len(ids)
-        self.hypertokens += len(ids) > 1
-        self._add(self.detok.push(ids), len(ids) > 1)
-
-    def end(self) -> None:
-        self._add(self.detok.flush(), False)
-        self._release(final=True)
-
-    def _add(self, text: str, hyper: bool) -> None:
-        if text and not self.stopped:
-            self.pending.append((text, hyper))
-            self._release(final=False)
-
-    def _release(self, *, final: bool) -> None:
-        if self.stopped:
-            return
-        held = "".join(t for t, _ in self.pending)
-        whole = self.sent + held
-        cut = min((i for i in (whole.find(s, max(0, len(self.sent) - len(s))) for s in self.job.stop) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self._send(cut - len(self.sent))
-            return
-        self._send(len(held) if final else max(0, len(held) - self.hold))
-
-    def _send(self, n: int) -> None:
-        """Send the first ``n`` held-back characters, keeping each piece's hypertoken flag."""
-        while n > 0 and self.pending:
-            text, hyper = self.pending[0]
-            part = text[:n]
-            if len(part) == len(text):
-                self.pending.pop(0)
-            else:
-                self.pending[0] = (text[len(part):], hyper)
-            n -= len(part)
-            self.sent += part
-            try:
-                self.job.emit(Piece(part, hyper, self.codes, self.base_tokens))
-            except Exception:  # noqa: BLE001 - the caller is gone (e.g. its event loop closed): only its row leaves
-                self.job.cancelled.set()
-                self.pending.clear()
-                return
+def _result(row: Row, reason: str) -> Finished:
+    job: Job = row.owner.job
+    return Finished(_FINISH[reason], prompt_tokens=len(job.prompt_ids), prompt_codes=row.owner.prompt_codes,
+                    completion_tokens=len(row.base_ids), completion_codes=len(row.codes),
+                    hypertokens=row.hypertokens)
 
 
-@dataclass
-class _Row:
+@dataclass(eq=False)
+class _Request:
+    """What the batch keeps of a request next to its decoder row (the row's ``owner``)."""
+
     job: Job
-    text: _RowText
-    sampler: Any  # CodeSampler with the request's options
     prompt_codes: int
-    reader: Any = None  # DraftReader with this request's own PromptLookup (drafts follow one sequence)
-
-    def result(self, reason: str) -> Finished:
-        t = self.text
-        return Finished(reason, prompt_tokens=len(self.job.prompt_ids), prompt_codes=self.prompt_codes,
-                        completion_tokens=t.base_tokens, completion_codes=t.codes, hypertokens=t.hypertokens)
 
 
 @dataclass
@@ -169,18 +131,23 @@ class _Joining:
 
     session: Any
     codes: np.ndarray  # [1, T]
-    row: _Row
+    row: Row
     done: int = 0
     logits: Any = None  # [1, V + C] after the last chunk
 
+    @property
+    def job(self) -> Job:
+        owner: _Request = self.row.owner
+        return owner.job
+
     def next_chunk(self, size: int) -> int:
         """Codes in the next chunk: chunks are cut at multiples of ``size`` from the prompt's start."""
-        total = self.codes.shape[1]
+        total = int(self.codes.shape[1])
         return total - self.done if not size else min(size, total - self.done)
 
 
 class RunningBatch:
-    """The requests being generated now, a row each of one :class:`~hypervocab.session.HyperSession`.
+    """The requests being generated now: rows of one :class:`~hypervocab.generation.Decoder`.
 
     model: a :class:`~hypervocab.HyperModel` in eval mode; tokenizer: its base Hugging Face tokenizer;
     prompt_lookup: draft codes per step while one request is alone in the batch (0: off); prefill_chunk:
@@ -189,35 +156,40 @@ class RunningBatch:
     requests that ended; the caller tells them.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, prompt_lookup: int = 0, prefill_chunk: int = 64) -> None:
-        from ..generation import default_eos
-        from ..sampling import CodeSampler
+    def __init__(self, model: HyperModel, tokenizer: Any, *, prompt_lookup: int = 0, prefill_chunk: int = 64) -> None:
+        from ..generation import Decoder, default_eos
 
         self.model, self.tokenizer = model, tokenizer
         self.V = model.codec.base_vocab_size
-        eos = default_eos(model)
-        self.eos = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+        self.default_eos = default_eos(model)
         self.prompt_lookup = prompt_lookup
         self.prefill_chunk = prefill_chunk
         self.joining: list[_Joining] = []  # reading their prompts, oldest first
-        self.rows: list[_Row] = []
-        self.session: Any = None  # HyperSession of the rows, None when empty
-        self.logits: Any = None  # [B, V + C] the next code's logits of every row
-        self._masks = CodeSampler(self.V)  # what the session allows every row: budgets
+        self.decoder = Decoder(self.V, compact=True)
 
     def __len__(self) -> int:
         """The rows decoding now (the requests still reading their prompts not counted)."""
-        return len(self.rows)
+        return len(self.decoder)
+
+    @property
+    def rows(self) -> list[Row]:
+        """The decoder's rows (``row.owner.job``: the request)."""
+        return self.decoder.rows
+
+    @property
+    def session(self) -> Any:
+        """The rows' :class:`~hypervocab.session.HyperSession` (``None`` when no row decodes)."""
+        return self.decoder.session
 
     @property
     def busy(self) -> bool:
         """Whether a step has anything to do: rows to decode, or prompts to read."""
-        return bool(self.rows or self.joining)
+        return bool(self.decoder.rows or self.joining)
 
     @property
     def jobs(self) -> list[Job]:
         """Every request the batch holds: the rows, then the ones reading their prompts."""
-        return [r.job for r in self.rows] + [j.row.job for j in self.joining]
+        return [r.owner.job for r in self.decoder.rows] + [j.job for j in self.joining]
 
     def join(self, jobs: list[Job]) -> list[tuple[Job, Finished]]:
         """Take the jobs in: each reads its prompt over the next steps (:meth:`step`), alone, then joins the rows."""
@@ -241,9 +213,9 @@ class RunningBatch:
         from ..session import HyperSession
 
         ended: list[tuple[Job, Finished]] = []
-        for j in [j for j in self.joining if j.row.job.cancelled.is_set()]:
+        for j in [j for j in self.joining if j.job.cancelled.is_set()]:
             self.joining.remove(j)
-            ended.append((j.row.job, Finished("cancelled")))
+            ended.append((j.job, Finished("cancelled")))
         used = 0
         for j in list(self.joining):
             n = j.next_chunk(self.prefill_chunk)
@@ -254,7 +226,7 @@ class RunningBatch:
                 j.logits, _, _ = j.session.feed(chunk, np.ones_like(chunk))
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
                 self.joining.remove(j)
-                ended.append((j.row.job, error_result(e)))
+                ended.append((j.job, error_result(e)))
                 continue
             j.done += n
             used += n
@@ -262,126 +234,67 @@ class RunningBatch:
         if not ready:
             return ended
         self.joining = [j for j in self.joining if j.done < j.codes.shape[1]]
-        parts, logits = [j.session for j in ready], [j.logits for j in ready]
         try:
-            if self.session is not None:
-                self._drop_draft()  # a draft is one sequence's: leave it before others join
-                parts.insert(0, self.session)
-                logits.insert(0, self.logits)
-            session = HyperSession.concat(parts)
-            session.compact()
-            merged = torch.cat(logits)
+            session = HyperSession.concat([j.session for j in ready])
+            self.decoder.join(session, torch.cat([j.logits for j in ready]), [j.row for j in ready])
         except Exception as e:  # noqa: BLE001 - e.g. out of memory while the caches merge
-            # concat consumes its parts: the running rows' state is no longer known either, so they end too
-            return ended + [(j.row.job, error_result(e)) for j in ready] + self._fail_rows(e)
-        self.session, self.logits = session, merged
-        self.rows += [j.row for j in ready]
+            # the merge consumes the running rows' state too: they end as well
+            return ended + [(j.job, error_result(e)) for j in ready] + self._fail_rows(e)
         return ended
 
     def _prefill(self, job: Job) -> _Joining:
-        """The job's prompt as codes, its session (nothing read yet) and its row's options."""
+        """The job's prompt as codes, its session (nothing read yet) and its decoder row."""
+        import dataclasses
+
         import torch
 
-        from ..sampling import CodeSampler
-        from ..speculative import DraftReader, PromptLookup
+        from ..errors import InputTypeError
+        from ..generation import GenerationOptions, Row
+        from ..streaming import OutputText
 
         model = self.model
+        if not isinstance(job.options, GenerationOptions):
+            raise InputTypeError(f"job.options must be a GenerationOptions, got {type(job.options).__name__}")
+        options = job.options
+        if options.prompt_lookup_num_tokens is None and self.prompt_lookup:
+            options = dataclasses.replace(options, prompt_lookup_num_tokens=self.prompt_lookup)
+        options.check_vocab(self.V)
         codes = np.asarray([model.codec.encode(job.prompt_ids)], np.int64)
         session = model.new_session(1)
-        sample = job.temperature >= MIN_TEMPERATURE
-        device = session.device
-        gen = torch.Generator(device=device).manual_seed(job.seed) if sample and job.seed is not None else None
-        bias = None
-        if job.logit_bias:
-            bias = torch.zeros(self.V, device=device)
-            bias[torch.as_tensor(list(job.logit_bias), dtype=torch.long, device=device)] = torch.as_tensor(
-                list(job.logit_bias.values()), device=device)
-        sampler = CodeSampler(self.V, do_sample=sample, temperature=job.temperature if sample else 1.0,
-                              top_p=job.top_p if sample and job.top_p is not None and job.top_p < 1 else None,
-                              allow_hypertokens=not job.logit_bias, generator=gen, logit_bias=bias)
-        reader = DraftReader(PromptLookup(model.codec, self.prompt_lookup)) if self.prompt_lookup else None
-        return _Joining(session, codes, _Row(job, _RowText(job, self.tokenizer), sampler, int(codes.shape[1]), reader))
+        session.track_seen()  # every row's (rows merge their seen codes only if all track them): for penalties
+        gen = (torch.Generator(device=session.device).manual_seed(options.seed)
+               if options.do_sample and options.seed is not None else None)
+        owner = _Request(job, int(codes.shape[1]))
+        row: Row
 
-    @property
-    def _reader(self) -> Any:
-        """The drafting reader while one request with prompt lookup is alone in the batch, else ``None``."""
-        return self.rows[0].reader if len(self.rows) == 1 else None
+        def emit(text: str, hyper: bool) -> None:
+            try:
+                job.emit(Piece(text, hyper, len(row.codes), len(row.base_ids)))
+            except Exception:  # noqa: BLE001 - the caller is gone (e.g. its event loop closed): only its row leaves
+                job.cancelled.set()
 
-    def _drop_draft(self) -> None:
-        if self.session is not None and self.session.ahead:
-            self._reader.drop(self.session)
+        text = OutputText(self.tokenizer, list(options.stop_strings or ()), emit=emit, skip_special_tokens=True)
+        row = Row.start(model, options, owner=owner, eos=frozenset(options.eos_ids(self.V, self.default_eos)),
+                        text=text, generator=gen)
+        return _Joining(session, codes, row)
 
     def step(self) -> list[tuple[Job, Finished]]:
         """One code for every row (cancelled rows leave first; the rows that finish leave the batch), then
         one step's worth of the joining requests' prompts (those fully read join the rows)."""
-        ended = self._decode() if self.rows else []
+        ended: list[tuple[Job, Finished]] = []
+        if self.decoder.rows:
+            gone = np.array([r.owner.job.cancelled.is_set() for r in self.decoder.rows], bool)
+            ended += [(r.owner.job, _result(r, "cancelled")) for r in self.decoder.leave(gone, "cancelled")]
+            ended += [(r.owner.job, _result(r, r.finish_reason or "length")) for r in self.decoder.step()]
         if self.joining:
             ended += self._read_prompts()
         return ended
 
-    def _decode(self) -> list[tuple[Job, Finished]]:
-        ended = self._leave(np.array([r.job.cancelled.is_set() for r in self.rows], bool), "cancelled")
-        if not self.rows:
-            return ended
-        session, rows, V = self.session, self.rows, self.V
-        budget = np.array([r.job.max_tokens - r.text.base_tokens for r in rows], np.int64)
-        reader = self._reader
-        if session.ahead:  # one request, alone, reading a draft
-            codes = reader.choose(rows[0].sampler, self.logits, session, budget)
-        else:
-            masked = self._masks.scores(self.logits, session, budget)
-            codes = [r.sampler.pick(r.sampler.restrict(masked[i: i + 1]))[0] for i, r in enumerate(rows)]
-        expansions = session.append(codes)
-        reasons: list[str | None] = []
-        for r, c, ids in zip(rows, codes, expansions):
-            r.text.push(ids)
-            stop = c < V and c in self.eos or r.text.stopped
-            reasons.append("stop" if stop else "length" if r.text.base_tokens >= r.job.max_tokens else None)
-        finished = np.array([x is not None for x in reasons], bool)
-        logits = reader.taken(session, codes, finished) if reader is not None else None
-        for r, reason in zip(rows, reasons):
-            if reason is not None:
-                r.text.end()
-                ended.append((r.job, r.result(reason)))
-        self._narrow(~finished)
-        if self.rows and logits is None:
-            reader = self._reader
-            if reader is None:
-                logits = self.session.advance()
-            else:
-                logits = reader.read(self.session, self.rows[0].job.max_tokens - self.rows[0].text.base_tokens)
-        self.logits = logits
-        return ended
-
     def fail(self, e: BaseException) -> list[tuple[Job, Finished]]:
         """Every request ends with the error ``e`` (a step failed: the batch's state is no longer known)."""
-        ended = [(j.row.job, error_result(e)) for j in self.joining]
+        ended = [(j.job, error_result(e)) for j in self.joining]
         self.joining = []
         return self._fail_rows(e) + ended
 
     def _fail_rows(self, e: BaseException) -> list[tuple[Job, Finished]]:
-        ended = [(r.job, error_result(e)) for r in self.rows]
-        self.rows, self.session, self.logits = [], None, None
-        return ended
-
-    def _leave(self, which: np.ndarray, reason: str) -> list[tuple[Job, Finished]]:
-        if not which.any():
-            return []
-        ended = [(r.job, r.result(reason)) for r, w in zip(self.rows, which) if w]
-        self._drop_draft()
-        self._narrow(~which)
-        return ended
-
-    def _narrow(self, keep: np.ndarray) -> None:
-        """Keep the rows ``keep`` (and their logits); the KV cache columns nobody reads go."""
-        if keep.all():
-            return
-        self.rows = [r for r, k in zip(self.rows, keep) if k]
-        if not self.rows:
-            self.session = self.logits = None
-            return
-        idx = np.flatnonzero(keep)
-        self.session = self.session.select(idx)
-        self.session.compact()
-        if self.logits is not None:
-            self.logits = self.logits[idx]
+        return [(r.owner.job, error_result(e)) for r in self.decoder.clear()]

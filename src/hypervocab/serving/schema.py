@@ -24,11 +24,15 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .batch import request_options
 from .http import APIError, clip, short
+
+if TYPE_CHECKING:
+    from ..generation import GenerationOptions
 
 __all__ = ["NEUTRAL", "Prepared", "RequestParser", "SEED_RANGE"]
 
@@ -126,9 +130,10 @@ class _Chat(_Common):
 
 @dataclass
 class Prepared:
-    """A request ready to run: the :class:`~hypervocab.serving.engine.Job` arguments and how to answer."""
+    """A request ready to run: its prompt's base ids, its options and how to answer."""
 
-    job: dict[str, Any]
+    prompt_ids: list[int]
+    options: GenerationOptions
     stream: bool
     include_usage: bool
 
@@ -335,12 +340,12 @@ class RequestParser:
         return ids
 
     def _prepared(self, req: _Common, ids: list[int], max_tokens: int, stop: list[str]) -> Prepared:
-        temperature = 1.0 if req.temperature is None else req.temperature
-        job = {"prompt_ids": ids, "max_tokens": max_tokens, "stop": stop, "temperature": temperature,
-               "top_p": req.top_p, "seed": None if req.seed is None else req.seed % 2**64,
-               "logit_bias": self._logit_bias(req.logit_bias)}
+        options = request_options(max_tokens=max_tokens, stop=stop,
+                                  temperature=1.0 if req.temperature is None else req.temperature, top_p=req.top_p,
+                                  seed=None if req.seed is None else req.seed % 2**64,
+                                  logit_bias=self._logit_bias(req.logit_bias))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Prepared(job, bool(req.stream), include_usage)
+        return Prepared(ids, options, bool(req.stream), include_usage)
 
 
 def _content(i: int, content: Any) -> str:
